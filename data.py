@@ -1,0 +1,624 @@
+"""Few-shot data sets of FREE and N-way K-shot task sampling (SPEC.md §3 "Data").
+
+Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024. The data only
+ever reaches the method through the teacher zoo (zoo.py) and the meta-val / meta-test tasks.
+
+Data sets: CIFAR-FS (Bertinetto et al. 2019, 64/16/20 CIFAR-100 classes), miniImageNet (Ravi &
+Larochelle split, user-placed pickle caches), CUB-200-2011 (the authors' index split), the
+multi-domain mix of those three at 84x84, Omniglot (split by alphabet) and a procedurally generated
+`synthetic` set for fast tests. Every split holds its images once, as uint8 [N, C, H, W];
+`sample_tasks` turns them into float tasks in [0, 1] (models normalise their own inputs).
+
+`mean` / `std` of a data set are per-channel statistics of its meta-train split (in [0, 1] units),
+computed in chunks; the teachers' input normalisation uses them.
+
+Differences from the authors' code: no hard-coded paths; downloads are checked (size and MD5) and
+written atomically; data set and split choices are named constants below.
+
+Trust: the CIFAR-100 and miniImageNet files are Python pickles, which can run code when loaded.
+CIFAR-100 is checked against its published MD5 first; miniImageNet caches are placed by the user.
+"""
+import hashlib
+import http.client
+import io
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+DATASETS = ("cifarfs", "miniimagenet", "cub", "mix", "omniglot", "synthetic")
+README_DATA = "see README, section Data"
+
+# --- CIFAR-FS (SPEC §3): CIFAR-100 from the CIFAR authors' site -------------------------------
+CIFAR_BASE_URL = "https://www.cs.toronto.edu/~kriz/"
+CIFAR_FILE = "cifar-100-python.tar.gz"
+CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # SPEC §3
+CIFAR_MEMBERS = {"train": "cifar-100-python/train", "test": "cifar-100-python/test",
+                 "meta": "cifar-100-python/meta"}
+CIFAR_SIZE = 32
+CIFARFS_TEST = ("baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man", "pickup_truck",
+                "plain", "poppy", "rocket", "rose", "snail", "sweet_pepper", "table", "telephone",
+                "wardrobe", "whale", "woman", "worm")  # SPEC §3, CIFAR-FS test (20)
+CIFARFS_VAL = ("beaver", "beetle", "butterfly", "camel", "cattle", "crab", "crocodile", "flatfish",
+               "lamp", "maple_tree", "motorcycle", "otter", "sea", "shark", "television",
+               "tractor")  # SPEC §3, CIFAR-FS val (16); train = the other 64
+
+# --- miniImageNet (SPEC §3): pickle caches placed by the user ---------------------------------
+MINI_DIR = "miniimagenet"
+MINI_FILES = {s: f"mini-imagenet-cache-{s}.pkl" for s in ("train", "val", "test")}
+
+# --- CUB-200-2011 (SPEC §3) --------------------------------------------------------------------
+CUB_BASE_URL = "https://data.caltech.edu/records/65de6-vp158/files/"
+CUB_FILE = "CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"  # SPEC §3
+CUB_IMAGE_DIR = "CUB_200_2011/images/"
+
+IMAGE_SIZE_84 = 84  # miniImageNet / CUB / multi-domain size (SPEC §3)
+MIX_DOMAINS = ("cifarfs", "miniimagenet", "cub")  # multi-domain scenario (SPEC §2)
+
+# --- Omniglot (SPEC §3): split by alphabet -----------------------------------------------------
+OMNIGLOT_SIZE = 28
+OMNIGLOT_VAL_ALPHABET = "Latin"  # meta-val alphabet (of the background set), our choice
+OMNIGLOT_TEST_ALPHABET = "Korean"  # meta-test alphabet when only a background set is present
+
+# --- synthetic: procedurally generated classes (no files), for tests and quick runs ------------
+SYNTHETIC_CLASSES = {"train": 40, "val": 10, "test": 10}
+SYNTHETIC_PER_CLASS = 60
+SYNTHETIC_SIZE = 32
+SYNTHETIC_CHANNELS = 3
+SYNTHETIC_SHAPES = 3  # shapes per class pattern
+SYNTHETIC_DISTRACTORS = 2  # shapes per image at random places, colours (not class evidence)
+SYNTHETIC_SHIFT = 0.1  # max random shift per image, fraction of the image side
+SYNTHETIC_NOISE = 0.2  # std of per-pixel Gaussian noise
+SYNTHETIC_COLOUR_JITTER = 0.2  # std of per-image shape colour jitter
+SYNTHETIC_STRIPE_FREQ = 40.0  # stripes: sin(40 x) > 0, a period of ~1/6 of the image side
+
+DOWNLOAD_TIMEOUT_S = 60
+DOWNLOAD_CHUNK = 1 << 20
+STATS_CHUNK = 4096  # images per chunk when computing mean/std or resizing
+
+
+@dataclass
+class Split:
+    """One of meta-train / meta-val / meta-test."""
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N], global class ids
+    classes: list  # sorted global class ids present in this split
+    _by_class: dict = field(default=None, init=False, repr=False, compare=False)
+
+    def indices_of(self, c):
+        """Indices (int64 tensor) of the images of global class `c`."""
+        if self._by_class is None:
+            order = torch.argsort(self.labels, stable=True)
+            counts = torch.bincount(self.labels[order]).tolist()
+            self._by_class = dict(zip(range(len(counts)), torch.split(order, counts)))
+        if c not in self._by_class or len(self._by_class[c]) == 0:
+            raise ValueError(f"class {c} is not in this split; expected one of "
+                             f"{self.classes[:10]}...; pass classes of this split")
+        return self._by_class[c]
+
+
+@dataclass
+class FewShotDataset:
+    name: str
+    image_size: int
+    channels: int
+    mean: list  # per channel, [0, 1] units, of the meta-train split
+    std: list
+    class_names: list  # indexed by global class id
+    domain_of_class: list  # domain name per global class id
+    splits: dict  # {"train": Split, "val": Split, "test": Split}, disjoint classes
+
+
+class DataError(RuntimeError):
+    """A data file is corrupt, truncated, has the wrong checksum or the wrong layout."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads
+# ----------------------------------------------------------------------------------------------
+def md5_of(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(DOWNLOAD_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_writable(data_root):
+    """Create `data_root` if needed and check that a file can be written there."""
+    root = Path(data_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
+    except OSError as e:
+        raise PermissionError(f"cannot write to the data root {root}: expected a writable folder "
+                              f"for downloads and caches, got {e!r}; pass another data_root or "
+                              f"fix its permissions") from e
+    os.close(fd)
+    os.unlink(probe)
+    return root
+
+
+def stream_to(response, out, url):
+    """Copy an HTTP response body into the open file `out`; return the number of bytes."""
+    n = 0
+    while True:
+        try:
+            chunk = response.read(DOWNLOAD_CHUNK)
+        except (http.client.IncompleteRead, OSError) as e:  # connection dropped or timed out
+            raise DataError(f"download of {url} broke off after {n} bytes ({e!r}); run again "
+                            f"to retry, or pass a mirror") from e
+        if not chunk:
+            return n
+        out.write(chunk)
+        n += len(chunk)
+
+
+def download(url, dest, md5):
+    """Download `url` to `dest` through a temp file in the same folder; check the size against
+    Content-Length and the MD5; rename atomically. On any failure the partial file is removed
+    and an existing `dest` is left untouched."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
+            except OSError as e:
+                raise DataError(f"could not download {url}: {e!r}; check the address, or place "
+                                f"{dest.name} (MD5 {md5}) in {dest.parent} by hand") from e
+            with response:
+                expected = response.headers.get("Content-Length")
+                n = stream_to(response, out, url)
+        if expected is not None and n < int(expected):
+            raise DataError(f"download of {url} truncated: expected {expected} bytes, got {n}; "
+                            f"run again to retry, or pass a mirror")
+        got = md5_of(tmp)
+        if got != md5:
+            raise DataError(f"{dest.name} from {url} has MD5 {got}, expected {md5}; the file is "
+                            f"corrupt or not the right one: retry, or pass another mirror")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fetch(data_root, file_name, base_url, md5, mirror=None):
+    """Path to `file_name` in `data_root` with the right MD5, downloading it if needed."""
+    dest = Path(data_root) / file_name
+    if dest.is_file() and md5_of(dest) == md5:
+        return dest
+    ensure_writable(data_root)
+    base = mirror if mirror is not None else base_url
+    download(base.rstrip("/") + "/" + file_name, dest, md5)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+def resize_images(images, size):
+    """uint8 [N, C, H, W] -> uint8 [N, C, size, size], bilinear, in chunks."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, images.shape[0], STATS_CHUNK):
+        x = images[i:i + STATS_CHUNK].float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=size < images.shape[-1])
+        out[i:i + STATS_CHUNK] = y.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def channel_stats(images):
+    """Per-channel mean and std in [0, 1] units of uint8 [N, C, H, W], in chunks (float64)."""
+    c = images.shape[1]
+    s, s2, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for i in range(0, images.shape[0], STATS_CHUNK):
+        x = images[i:i + STATS_CHUNK].to(torch.float64) / 255.0
+        s += x.sum(dim=(0, 2, 3))
+        s2 += (x * x).sum(dim=(0, 2, 3))
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def make_split(images, labels):
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    return Split(images, labels, sorted(set(labels.tolist())))
+
+
+def assemble(name, splits, class_names, domain_of_class=None):
+    """Build a FewShotDataset; mean/std come from the meta-train split."""
+    train = splits["train"]
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        overlap = set(splits[a].classes) & set(splits[b].classes)
+        if overlap:
+            raise DataError(f"{name}: classes {sorted(overlap)[:5]} are in both {a} and {b}; "
+                            f"expected disjoint splits")
+    mean, std = channel_stats(train.images)
+    return FewShotDataset(name=name, image_size=train.images.shape[-1],
+                          channels=train.images.shape[1], mean=mean, std=std,
+                          class_names=list(class_names),
+                          domain_of_class=domain_of_class or [name] * len(class_names),
+                          splits=splits)
+
+
+def split_by_class(images, labels, split_of_class):
+    """Group images into splits by `split_of_class[label]` ("train" / "val" / "test")."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    which = np.array([split_of_class[c] for c in labels.tolist()])
+    splits = {}
+    for s in ("train", "val", "test"):
+        idx = torch.from_numpy(np.flatnonzero(which == s))
+        splits[s] = make_split(images[idx], labels[idx])
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-FS
+# ----------------------------------------------------------------------------------------------
+def unpickle(f, where):
+    try:
+        d = pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{where} is not a readable pickle ({e!r}); delete it and run again") from e
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def read_cifar100(path):
+    """{'train', 'test', 'meta'} dicts read straight from the tar.gz (no extraction)."""
+    parts = {}
+    wanted = {v: k for k, v in CIFAR_MEMBERS.items()}
+    try:
+        with tarfile.open(path, "r|gz") as tar:
+            for member in tar:
+                if member.name in wanted:
+                    parts[wanted[member.name]] = unpickle(tar.extractfile(member),
+                                                          f"{path}:{member.name}")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path} is not a readable tar.gz ({e!r}); delete it and run again") from e
+    missing = set(CIFAR_MEMBERS) - set(parts)
+    if missing:
+        raise DataError(f"{path} lacks {[CIFAR_MEMBERS[m] for m in sorted(missing)]}; expected "
+                        f"the CIFAR-100 python archive; delete it and run again")
+    return parts
+
+
+def cifarfs_split_of(names):
+    """Split of each CIFAR-100 fine class (SPEC §3)."""
+    unknown = (set(CIFARFS_TEST) | set(CIFARFS_VAL)) - set(names)
+    if len(names) != 100 or unknown:
+        raise DataError(f"CIFAR-100 meta lists {len(names)} fine classes and lacks "
+                        f"{sorted(unknown)}; expected the 100 CIFAR-100 names; check the archive")
+    return ["test" if n in CIFARFS_TEST else "val" if n in CIFARFS_VAL else "train" for n in names]
+
+
+def load_cifarfs(data_root, mirror, image_size):
+    path = fetch(data_root, CIFAR_FILE, CIFAR_BASE_URL, CIFAR_MD5, mirror)
+    parts = read_cifar100(path)
+    names = list(parts["meta"]["fine_label_names"])
+    data = np.concatenate([parts["train"]["data"], parts["test"]["data"]])
+    labels = parts["train"]["fine_labels"] + parts["test"]["fine_labels"]
+    images = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)).view(
+        -1, 3, CIFAR_SIZE, CIFAR_SIZE)  # rows are 1024 R, 1024 G, 1024 B
+    images = resize_images(images, image_size or CIFAR_SIZE)
+    return assemble("cifarfs", split_by_class(images, labels, cifarfs_split_of(names)), names)
+
+
+# ----------------------------------------------------------------------------------------------
+# miniImageNet
+# ----------------------------------------------------------------------------------------------
+def load_miniimagenet(data_root, image_size):
+    folder = Path(data_root) / MINI_DIR
+    missing = [f for f in MINI_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"miniImageNet: expected {', '.join(MINI_FILES.values())} in "
+                                f"{folder}; missing {', '.join(missing)}. There is no official "
+                                f"download: place the pickle caches there ({README_DATA})")
+    splits, names = {}, []
+    for s, f in MINI_FILES.items():
+        with open(folder / f, "rb") as fh:
+            d = unpickle(fh, folder / f)
+        if "image_data" not in d or "class_dict" not in d:
+            raise DataError(f"{folder / f} has keys {sorted(d)}; expected image_data and "
+                            f"class_dict ({README_DATA})")
+        data, labels = d["image_data"], np.full(len(d["image_data"]), -1, dtype=np.int64)
+        for name in sorted(d["class_dict"]):
+            labels[np.asarray(d["class_dict"][name], dtype=np.int64)] = len(names)
+            names.append(name)
+        if (labels < 0).any():
+            raise DataError(f"{folder / f}: {(labels < 0).sum()} of {len(labels)} images are in "
+                            f"no class of class_dict; expected every image in one class; "
+                            f"replace the file ({README_DATA})")
+        images = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)).permute(0, 3, 1, 2)
+        splits[s] = make_split(resize_images(images.contiguous(), image_size or IMAGE_SIZE_84),
+                               labels)
+    return assemble("miniimagenet", splits, names)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUB-200-2011
+# ----------------------------------------------------------------------------------------------
+def cub_split_of(i):
+    """The authors' split of sorted class folder i: i%2==0 train, i%4==1 val, i%4==3 test."""
+    return "train" if i % 2 == 0 else "val" if i % 4 == 1 else "test"
+
+
+def decode_jpeg(data, size):
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))  # let the JPEG decoder downscale first (much faster)
+    img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_cub(path, size):
+    """Decode every CUB_200_2011/images/<class>/*.jpg of the .tgz at `path`:
+    -> (uint8 [N, size, size, 3], int64 [N] class index, sorted class folder names)."""
+    found = {}
+    try:
+        with tarfile.open(path, "r|gz") as tar:
+            for m in tar:
+                parts = m.name.split("/")[2:]  # CUB_200_2011/images/<class>/<file>
+                if m.isfile() and m.name.startswith(CUB_IMAGE_DIR) and len(parts) == 2 \
+                        and parts[1].lower().endswith(".jpg"):
+                    found[(parts[0], parts[1])] = decode_jpeg(tar.extractfile(m).read(), size)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path} is not a readable tar.gz ({e!r}); delete it and run again") from e
+    if not found:
+        raise DataError(f"{path} holds no {CUB_IMAGE_DIR}<class>/*.jpg; expected the "
+                        f"CUB_200_2011.tgz archive; delete it and run again")
+    classes = sorted({c for c, _ in found})
+    keys = sorted(found)
+    labels = np.array([classes.index(c) for c, _ in keys], dtype=np.int64)
+    return np.stack([found[k] for k in keys]), labels, classes
+
+
+def save_npz_atomic(dest, **arrays):
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_cub(data_root, mirror, image_size):
+    size = image_size or IMAGE_SIZE_84
+    cache = Path(data_root) / f"cub_{size}.npz"
+    if not cache.is_file():
+        path = fetch(data_root, CUB_FILE, CUB_BASE_URL, CUB_MD5, mirror)
+        images, labels, classes = decode_cub(path, size)
+        save_npz_atomic(cache, images=images, labels=labels, classes=np.array(classes))
+    with np.load(cache) as z:
+        images, labels, classes = z["images"], z["labels"], z["classes"].tolist()
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    split_of = [cub_split_of(i) for i in range(len(classes))]
+    return assemble("cub", split_by_class(images, labels, split_of), classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-domain mix
+# ----------------------------------------------------------------------------------------------
+def load_mix(data_root, mirror):
+    """CIFAR-FS + miniImageNet + CUB, all at 84x84; global ids offset per domain; class names
+    are prefixed with their domain ("cub:001.Black_footed_Albatross")."""
+    parts = [load_cifarfs(data_root, mirror, IMAGE_SIZE_84), load_miniimagenet(data_root, None),
+             load_cub(data_root, mirror, IMAGE_SIZE_84)]
+    names, domains, offsets = [], [], []
+    for d in parts:
+        offsets.append(len(names))
+        names += [f"{d.name}:{n}" for n in d.class_names]
+        domains += [d.name] * len(d.class_names)
+    splits = {}
+    for s in ("train", "val", "test"):
+        images = torch.cat([d.splits[s].images for d in parts])
+        labels = torch.cat([d.splits[s].labels + off for d, off in zip(parts, offsets)])
+        splits[s] = make_split(images, labels)
+    return assemble("mix", splits, names, domains)
+
+
+# ----------------------------------------------------------------------------------------------
+# Omniglot
+# ----------------------------------------------------------------------------------------------
+def omniglot_sources(data_root, prefix):
+    """The folder or .zip named `prefix`* in data_root (or data_root/omniglot); None if absent."""
+    for root in (Path(data_root), Path(data_root) / "omniglot"):
+        if not root.is_dir():
+            continue
+        found = {}
+        for p in sorted(root.glob(prefix + "*")):
+            key = p.stem if p.suffix == ".zip" else p.name
+            if p.is_dir() or (p.suffix == ".zip" and key not in found):
+                found[key] = p  # a folder wins over a zip of the same name
+        if len(found) > 1:
+            raise DataError(f"{root} holds several Omniglot sets {sorted(found)}; expected one "
+                            f"{prefix}* (folder or .zip); move the others away")
+        if found:
+            return next(iter(found.values()))
+    return None
+
+
+def omniglot_files(source):
+    """{(alphabet, character): [png bytes, ...]} from a folder or a zip (read in place)."""
+    files = {}
+    if source.is_dir():
+        for p in sorted(source.rglob("*.png")):
+            files.setdefault((p.parent.parent.name, p.parent.name), []).append(p.read_bytes())
+        return files
+    try:
+        with zipfile.ZipFile(source) as z:
+            for name in sorted(n for n in z.namelist() if n.lower().endswith(".png")):
+                parts = name.split("/")
+                if len(parts) >= 3:
+                    files.setdefault((parts[-3], parts[-2]), []).append(z.read(name))
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"{source} is not a readable zip ({e!r}); expected a zip of "
+                        f"<alphabet>/<character>/*.png; download it again") from e
+    return files
+
+
+def decode_omniglot(png, size):
+    """1-bit PNG, black strokes on white -> uint8 [size, size], strokes bright (inverted)."""
+    img = Image.open(io.BytesIO(png)).convert("L").resize((size, size), Image.Resampling.LANCZOS)
+    return 255 - np.asarray(img, dtype=np.uint8)
+
+
+def load_omniglot(data_root, image_size):
+    size = image_size or OMNIGLOT_SIZE
+    background = omniglot_sources(data_root, "images_background")
+    if background is None:
+        raise FileNotFoundError(f"Omniglot: expected images_background (folder or .zip) in "
+                                f"{data_root}; found none ({README_DATA})")
+    evaluation = omniglot_sources(data_root, "images_evaluation")
+    sets = [(background, omniglot_files(background))]
+    if evaluation is not None:
+        sets.append((evaluation, omniglot_files(evaluation)))
+    images, labels, names, split_of = [], [], [], []
+    for source, files in sets:
+        if not files:
+            raise DataError(f"{source} holds no <alphabet>/<character>/*.png; expected the "
+                            f"Omniglot layout ({README_DATA})")
+        for (alphabet, character), pngs in sorted(files.items()):
+            if source is not background:
+                split = "test"
+            elif alphabet == OMNIGLOT_VAL_ALPHABET:
+                split = "val"
+            elif evaluation is None and alphabet == OMNIGLOT_TEST_ALPHABET:
+                split = "test"
+            else:
+                split = "train"
+            split_of.append(split)
+            images += [decode_omniglot(p, size) for p in pngs]
+            labels += [len(names)] * len(pngs)
+            names.append(f"{alphabet}/{character}")
+    if not {"val", "test"} <= set(split_of):
+        raise DataError(f"Omniglot in {data_root}: found no {OMNIGLOT_VAL_ALPHABET} or "
+                        f"{OMNIGLOT_TEST_ALPHABET} alphabet for meta-val/test; expected them in "
+                        f"the background set, or an images_evaluation set")
+    images = torch.from_numpy(np.stack(images)).unsqueeze(1)  # [N, 1, size, size]
+    return assemble("omniglot", split_by_class(images, labels, split_of), names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic
+# ----------------------------------------------------------------------------------------------
+def class_pattern(g, n_shapes=SYNTHETIC_SHAPES):
+    """A random class: n_shapes shapes, each (kind, centre (y, x), radius, colour)."""
+    kinds = torch.randint(0, 3, (n_shapes,), generator=g).tolist()  # disk, square, stripes
+    centres = 0.2 + 0.6 * torch.rand(n_shapes, 2, generator=g)
+    radii = 0.08 + 0.1 * torch.rand(n_shapes, generator=g)
+    colours = torch.rand(n_shapes, SYNTHETIC_CHANNELS, generator=g)
+    return kinds, centres, radii, colours
+
+
+def shape_mask(kind, dy, dx, r):
+    """Boolean mask of a disk (0), square (1) or striped square (2) of radius r at offset dy, dx."""
+    if kind == 0:
+        return dy ** 2 + dx ** 2 < r ** 2
+    square = (dy.abs() < r) & (dx.abs() < r)
+    return square if kind == 1 else square & (torch.sin(dx * SYNTHETIC_STRIPE_FREQ) > 0)
+
+
+def render_class(pattern, n, size, g):
+    """n images of one class pattern, each shifted, with per-image colour jitter, distractor
+    shapes at random places and pixel noise -> uint8 [n, C, size, size]."""
+    kinds, centres, radii, colours = pattern
+    axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    yy, xx = axis.view(1, -1, 1), axis.view(1, 1, -1)
+    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * SYNTHETIC_SHIFT  # per image
+    x = 0.1 * torch.rand(n, SYNTHETIC_CHANNELS, 1, 1, generator=g).expand(
+        n, SYNTHETIC_CHANNELS, size, size).clone()  # random dark background
+    d_kinds, _, d_radii, _ = class_pattern(g, SYNTHETIC_DISTRACTORS)
+    for k, r in zip(d_kinds, d_radii):  # one kind and size for all n, place and colour per image
+        cy, cx = torch.rand(2, n, 1, 1, generator=g)
+        mask = shape_mask(k, yy - cy, xx - cx, r)
+        c = torch.rand(n, SYNTHETIC_CHANNELS, generator=g)
+        x = torch.where(mask.unsqueeze(1), c.view(n, -1, 1, 1), x)
+    for k, (cy, cx), r, colour in zip(kinds, centres, radii, colours):
+        mask = shape_mask(k, yy - (cy + shift[:, 0]).view(-1, 1, 1),
+                          xx - (cx + shift[:, 1]).view(-1, 1, 1), r)  # [n, size, size]
+        c = colour + SYNTHETIC_COLOUR_JITTER * torch.randn(n, SYNTHETIC_CHANNELS, generator=g)
+        x = torch.where(mask.unsqueeze(1), c.view(n, -1, 1, 1), x)  # [n, C, size, size]
+    x = x + SYNTHETIC_NOISE * torch.randn(x.shape, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def load_synthetic(image_size, seed):
+    size = image_size or SYNTHETIC_SIZE
+    g = torch.Generator().manual_seed(seed)
+    splits, names = {}, []
+    for s, n_classes in SYNTHETIC_CLASSES.items():
+        images, labels = [], []
+        for _ in range(n_classes):
+            images.append(render_class(class_pattern(g), SYNTHETIC_PER_CLASS, size, g))
+            labels += [len(names)] * SYNTHETIC_PER_CLASS
+            names.append(f"synthetic_{len(names):03d}")
+        splits[s] = make_split(torch.cat(images), labels)
+    return assemble("synthetic", splits, names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+def load_dataset(name, data_root, mirror=None, image_size=None, seed=0):
+    """Load data set `name` (one of DATASETS) from `data_root`, downloading CIFAR-100 / CUB if
+    needed (from `mirror` instead of the official base address when given). `image_size`
+    overrides the native size; `seed` only matters for `synthetic`."""
+    if name == "cifarfs":
+        return load_cifarfs(data_root, mirror, image_size)
+    if name == "miniimagenet":
+        return load_miniimagenet(data_root, image_size)
+    if name == "cub":
+        return load_cub(data_root, mirror, image_size)
+    if name == "mix":
+        if image_size not in (None, IMAGE_SIZE_84):
+            raise ValueError(f"mix is 84x84 (SPEC §2); got image_size={image_size}; "
+                             f"leave it unset")
+        return load_mix(data_root, mirror)
+    if name == "omniglot":
+        return load_omniglot(data_root, image_size)
+    if name == "synthetic":
+        return load_synthetic(image_size, seed)
+    raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
+
+
+def sample_tasks(split, n_tasks, way, shot, query, generator, classes=None):
+    """Sample `n_tasks` N-way K-shot tasks from `split` (classes from `classes` if given).
+
+    Returns x_s float [T, way*shot, C, H, W] in [0, 1], y_s int64 [T, way*shot] with relative
+    labels 0..way-1 (class-major order), and x_q, y_q likewise with `query` images per class.
+    All randomness comes from `generator` (a CPU torch.Generator)."""
+    pool = list(split.classes if classes is None else classes)
+    if len(pool) < way:
+        raise ValueError(f"a {way}-way task needs {way} classes; the pool has {len(pool)}")
+    need = shot + query
+    s_idx, q_idx = [], []
+    for _ in range(n_tasks):
+        chosen = torch.randperm(len(pool), generator=generator)[:way].tolist()
+        for j in chosen:
+            idx = split.indices_of(pool[j])
+            if len(idx) < need:
+                raise ValueError(f"class {pool[j]} has {len(idx)} images; a task with {shot} "
+                                 f"shot + {query} query needs {need}")
+            pick = idx[torch.randperm(len(idx), generator=generator)[:need]]
+            s_idx.append(pick[:shot])
+            q_idx.append(pick[shot:])
+    shape = split.images.shape[1:]
+    x_s = split.images[torch.cat(s_idx)].float().div_(255).view(n_tasks, way * shot, *shape)
+    x_q = split.images[torch.cat(q_idx)].float().div_(255).view(n_tasks, way * query, *shape)
+    y_s = torch.arange(way).repeat_interleave(shot).expand(n_tasks, -1).contiguous()
+    y_q = torch.arange(way).repeat_interleave(query).expand(n_tasks, -1).contiguous()
+    return x_s, y_s, x_q, y_q

@@ -1,0 +1,530 @@
+"""FREE end to end: `python free.py --dataset cifarfs --shots 1`.
+
+Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024 (SPEC.md §2, §5).
+The loop, as in the paper's algorithm:
+    warm-up: train only the meta-generator (no L_adv, nothing stored);
+    each round: sample B teachers -> FIVE: recover each task in k steps, meta-update theta_G
+                -> memory bank <- all recovered tasks -> BELL: KD with Eq. (3) alignment
+                -> MAML replay from the bank;
+    every E rounds: meta-validation (val split), keep the best theta;
+    at the end: one meta-test on a fixed set of test tasks.
+Baselines: `random` (random-init Conv4), `average` (mean of same-architecture teachers' weights, new
+head), `maml` (data-based MAML on the real meta-train images: the upper bound, the only one that sees
+data). Ablations: --no-meta-generator, --no-align, --hard-labels.
+
+Differences from the authors' code (one-line comments mark them where they happen):
+model selection on the meta-validation split, not the test split; every recovered task enters the
+memory bank; the generator's Adam persists; paths and counts come from one Config.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+
+import maml
+import recover
+from data import DATASETS, load_dataset, sample_tasks
+from models import ARCHS, Conv4, Generator
+from zoo import ZooSettings, build_zoo
+
+METHODS = ("free", "random", "average", "maml")
+TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and seed sees the same tasks
+VAL_TASK_SEED = 1234  # the meta-validation task seed (same val tasks at every evaluation)
+PROJECTION_ROUNDS = 3  # after this many post-warm-up rounds on the CPU, print the projected time
+GRID_PER_CLASS = 8  # recovered.png: images per class shown (recovered, then real)
+
+
+@dataclass
+class Config:
+    # ---- what to run
+    dataset: str = "cifarfs"  # data set (SPEC §3)
+    way: int = 5  # N, classes per task (paper: 5)
+    shots: int = 1  # K, support images per class (paper: 1 or 5)
+    query: int = 15  # Q, query images per class (paper: 15)
+    method: str = "free"  # free / random / average / maml
+    no_meta_generator: bool = False  # ablation: recover from a fresh generator (BiDf-MKD style)
+    recover_steps: int = recover.SCRATCH_STEPS  # steps from scratch with --no-meta-generator (BiDf-MKD: 200)
+    no_align: bool = False  # ablation: independent KD steps instead of Eq. (3)'s sequential ones
+    hard_labels: bool = False  # ablation: CE on recovered labels instead of KD (supplement Table 2)
+    first_order: bool = False  # FOMAML replay instead of second-order MAML
+    teacher_arch: str = "conv4"  # zoo architecture: conv4 / resnet10 / resnet18 / mix
+    preset: str = "paper"  # paper / quick / smoke: counts only, never the algorithm
+    # ---- where
+    data_root: str = "data"
+    mirror: str = None  # base URL replacing every download's
+    out: str = None  # output folder (default runs/<dataset>-<way>w<shots>s-<method>)
+    cache: str = "cache"  # teacher-zoo cache folder
+    seed: int = 0
+    device: str = "auto"  # auto / cpu / cuda
+    resume: bool = False
+    # ---- counts (the preset sets these; a flag overrides)
+    n_teachers: int = 100  # size of the teacher zoo (SPEC §2: 100)
+    zoo_epochs: int = 60  # teacher training epochs (SPEC §2: 60; CUB 100)
+    rounds: int = 1000  # meta-training rounds (authors' default)
+    warmup: int = 20  # warm-up rounds, generator only (SPEC §2)
+    B: int = 4  # B, teachers per round (SPEC §2)
+    k: int = recover.K  # k, generator adaptation steps (SPEC §2: 5)
+    n_per_class: int = recover.IMAGES_PER_CLASS  # rows of Z per class (SPEC §2: 20)
+    nf: int = 64  # nf, generator width (supplement Table 1: 64)
+    meta_batch: int = 10  # tasks per replay meta-batch (SPEC §2: 10)
+    replay_patience: int = 10  # stop replay when train acc has not improved for this many meta-batches (authors)
+    max_replay: int = 50  # at most this many replay meta-batches a round (ours: bounds a round's time)
+    eval_every: int = 20  # E, rounds between meta-validations (authors: 20)
+    val_tasks: int = 600  # meta-validation tasks
+    test_tasks: int = 600  # meta-test tasks (per domain for mix)
+    save_every: int = 20  # rounds between last.pt checkpoints (also at each validation and at the end)
+    # ---- rates and constants
+    gen_lr: float = recover.GEN_LR  # Adam lr of theta_G' and Z, and of the meta-generator (SPEC §2: 1e-3)
+    lambda_adv: float = recover.LAMBDA_ADV  # lambda_adv of Eq. (1) (SPEC §2: 1)
+    alpha: float = maml.ALPHA  # alpha, inner lr of Eq. (3) (SPEC §2: 1e-3)
+    tau: float = maml.TAU  # tau, KD temperature (SPEC §2: 1)
+    outer_lr: float = 1e-3  # outer Adam lr of the meta-learner (SPEC §2)
+    inner_lr: float = maml.INNER_LR  # MAML inner SGD lr, train and test (SPEC §2: 0.01)
+    train_inner_steps: int = maml.TRAIN_INNER_STEPS  # MAML inner steps in replay (SPEC §5: 5)
+    test_inner_steps: int = maml.TEST_INNER_STEPS  # adaptation steps at meta-test (SPEC §2: 10)
+
+
+PRESETS = {
+    "paper": {},  # the Config defaults are the paper's
+    # a CPU run of a few minutes on Omniglot (README "Presets" gives its measured time)
+    "quick": dict(n_teachers=40, zoo_epochs=30, rounds=60, warmup=5, nf=32, replay_patience=10,
+                  max_replay=4, eval_every=10, val_tasks=200, save_every=10, recover_steps=60),
+    # seconds, for CI and tests
+    "smoke": dict(n_teachers=3, zoo_epochs=2, rounds=3, warmup=1, B=2, k=2, nf=8, meta_batch=2,
+                  max_replay=1, eval_every=2, val_tasks=6, test_tasks=10, save_every=1,
+                  recover_steps=3, train_inner_steps=1, test_inner_steps=2),
+}
+# settings whose change makes a checkpoint belong to another run (everything but where/how to run)
+NOT_IDENTITY = ("out", "resume", "device", "data_root", "mirror", "cache", "rounds")
+
+
+# ------------------------------------------------------------------------ command line
+
+
+def parse_args(argv=None):
+    """Build argparse from Config; the preset fills counts the user did not set."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    choices = dict(dataset=DATASETS, method=METHODS, teacher_arch=ARCHS + ("mix",),
+                   preset=tuple(PRESETS), device=("auto", "cpu", "cuda"), shots=(1, 5))
+    comments = field_comments()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{comments.get(f.name, '')} (default: {f.default})"
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=help_)
+            continue
+        p.add_argument(flag, type=f.type, default=None, choices=choices.get(f.name), help=help_)
+    args = p.parse_args(argv)
+    cfg = Config(**PRESETS[args.preset or "paper"])
+    for f in fields(Config):
+        v = getattr(args, f.name)
+        if v is not None and v is not False:
+            setattr(cfg, f.name, v)
+    if cfg.out is None:
+        cfg.out = os.path.join("runs", f"{cfg.dataset}-{cfg.way}w{cfg.shots}s-{run_name(cfg)}")
+    return cfg
+
+
+def field_comments():
+    """The `# comment` after each Config field, used as the flag's help text."""
+    import inspect
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith("#"):
+            out[line.split(":")[0]] = line.split("#", 1)[1].strip()
+    return out
+
+
+def run_name(cfg):
+    return "-".join([cfg.method] + ablations(cfg))
+
+
+def ablations(cfg):
+    names = ["no_meta_generator", "no_align", "hard_labels", "first_order"]
+    return [n.replace("_", "-") for n in names if getattr(cfg, n)]
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def set_seed(seed):
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# ------------------------------------------------------------------------ files
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class Log:
+    """One line per event to stdout and to out/log.txt."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, msg):
+        print(msg, flush=True)
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")
+
+
+def save_grid(path, rows):
+    """recovered.png: one row per class, each row a list of [C, H, W] float images in [0, 1]."""
+    from PIL import Image
+    n = max(len(r) for r in rows)
+    C, H, W = rows[0][0].shape
+    pad = 2
+    canvas = torch.ones(3, len(rows) * (H + pad) + pad, n * (W + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            top, left = pad + i * (H + pad), pad + j * (W + pad)
+            canvas[:, top:top + H, left:left + W] = img.expand(3, H, W)
+    arr = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def evaluate(cfg, model, params, split, n_tasks, seed, device, classes=None, chunk=50):
+    """Mean accuracy and 95% CI over n_tasks tasks of `split` sampled with a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    vectorize = device.type == "cuda"  # on the CPU the per-task loop is faster (README "Speed")
+    accs = []
+    for start in range(0, n_tasks, chunk):
+        t = min(chunk, n_tasks - start)
+        x_s, y_s, x_q, y_q = (v.to(device) for v in sample_tasks(split, t, cfg.way, cfg.shots, cfg.query, g, classes))
+        accs.append(maml.meta_test(model, params, x_s, y_s, x_q, y_q, cfg.test_inner_steps, cfg.inner_lr,
+                                   vectorize).cpu())
+    return maml.mean_ci95(torch.cat(accs))
+
+
+def meta_test(cfg, ds, model, params, device):
+    """The single meta-test: 600 tasks (per domain for `mix`) from TEST_TASK_SEED."""
+    split = ds.splits["test"]
+    if ds.name != "mix":
+        return {"test_acc": evaluate(cfg, model, params, split, cfg.test_tasks, TEST_TASK_SEED, device)}
+    out = {}
+    for d in sorted(set(ds.domain_of_class)):
+        classes = [c for c in split.classes if ds.domain_of_class[c] == d]
+        out[d] = evaluate(cfg, model, params, split, cfg.test_tasks, TEST_TASK_SEED, device, classes)
+    mean = sum(v[0] for v in out.values()) / len(out)
+    ci = math.sqrt(sum(v[1] ** 2 for v in out.values())) / len(out)
+    return {"test_acc": (mean, ci), "per_domain": out}
+
+
+# ------------------------------------------------------------------------ methods
+
+
+def new_meta_learner(ds, cfg, device):
+    return Conv4(cfg.way, ds.channels, ds.image_size, ds.mean, ds.std, track_running_stats=False).to(device)
+
+
+def average_teachers(model, teachers):
+    """`average` baseline: theta = mean of the conv4 teachers' weights; a freshly initialised head."""
+    same = [t for t in teachers if t.arch == "conv4"]
+    if not same:
+        raise SystemExit("--method average needs conv4 teachers; this zoo has none")
+    state = model.state_dict()
+    for name in state:
+        if not name.startswith("head.") and not name.startswith("normalize."):
+            state[name] = torch.stack([dict(t.model.named_parameters())[name].detach() for t in same]).mean(0)
+    model.load_state_dict(state)
+
+
+class Trainer:
+    """The FREE meta-training loop and its resumable state."""
+
+    def __init__(self, cfg, ds, teachers, device, log):
+        self.cfg, self.ds, self.teachers, self.device, self.log = cfg, ds, teachers, device, log
+        self.model = new_meta_learner(ds, cfg, device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
+        G = Generator(ds.image_size, ds.channels, nf=cfg.nf).to(device)
+        self.meta_gen = recover.MetaGenerator(G, cfg.gen_lr, recover.GEN_BETAS)
+        self.bank = recover.MemoryBank()
+        self.rng = torch.Generator().manual_seed(cfg.seed)  # teacher choice and replay tasks
+        self.round = 0
+        self.best_val, self.best_state = -1.0, None
+        self.stats = dict(recovery_seconds_total=0.0, recovered_tasks=0)
+        self.last_recovered = []
+
+    # ---- state
+    def state_dict(self):
+        return dict(round=self.round, model=self.model.state_dict(), opt=self.opt.state_dict(),
+                    meta_gen=self.meta_gen.state_dict(), bank=self.bank.state_dict(),
+                    rng=self.rng.get_state(), torch_rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    best_val=self.best_val, best_state=self.best_state, stats=dict(self.stats),
+                    config=dataclasses.asdict(self.cfg))
+
+    def load_state_dict(self, s):
+        self.round = s["round"]
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.meta_gen.load_state_dict(s["meta_gen"])
+        self.bank.load_state_dict(s["bank"])
+        self.rng.set_state(s["rng"])
+        torch.set_rng_state(s["torch_rng"])
+        if s["cuda_rng"]:
+            torch.cuda.set_rng_state_all(s["cuda_rng"])
+        self.best_val, self.best_state, self.stats = s["best_val"], s["best_state"], s["stats"]
+
+    # ---- one round
+    def recover(self, teachers, warm):
+        """FIVE: recover one task per teacher (k steps from theta_G, or from scratch), then
+        meta-update theta_G. Returns the recovered tasks."""
+        cfg = self.cfg
+        student = None if warm else (self.model, maml.detached_params(self.model))  # no L_adv in warm-up
+        flip = self.ds.channels == 3  # handwriting is not mirror-invariant: no flips on Omniglot
+        tasks = []
+        for t in teachers:
+            if cfg.no_meta_generator:
+                r = recover.recover_from_scratch(t.model, cfg.way, cfg.recover_steps, self.ds.image_size,
+                                                 self.ds.channels, n_per_class=cfg.n_per_class, lr=cfg.gen_lr,
+                                                 student=student, lambda_adv=cfg.lambda_adv, flip=flip, nf=cfg.nf)
+            else:
+                r = recover.recover_task(self.meta_gen.G, t.model, cfg.way, cfg.k, cfg.n_per_class, cfg.gen_lr,
+                                         student=student, lambda_adv=cfg.lambda_adv, flip=flip)
+            tasks.append(r)
+        if not cfg.no_meta_generator:
+            self.meta_gen.meta_update([r.meta_grad for r in tasks])
+        return tasks
+
+    def replay(self):
+        """Cross-task replay: MAML meta-batches from the memory bank (or, for `maml`, from the real
+        meta-train split) until train accuracy stalls for `replay_patience` meta-batches."""
+        cfg, best, since, losses, accs = self.cfg, -1.0, 0, [], []
+        vectorize = self.device.type == "cuda"
+        for _ in range(cfg.max_replay):
+            if cfg.method == "maml":
+                batch = sample_tasks(self.ds.splits["train"], cfg.meta_batch, cfg.way, cfg.shots, cfg.query, self.rng)
+            else:
+                batch = self.bank.sample_tasks(cfg.meta_batch, cfg.way, cfg.shots, cfg.query, self.rng)
+            x_s, y_s, x_q, y_q = (v.to(self.device) for v in batch)
+            loss, acc = maml.maml_meta_batch_loss(self.model, dict(self.model.named_parameters()), x_s, y_s, x_q,
+                                                  y_q, cfg.train_inner_steps, cfg.inner_lr, cfg.first_order,
+                                                  vectorize)
+            check_finite(loss, "MAML replay loss", self.round)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            losses.append(loss.item())
+            accs.append(acc.item())
+            best, since = (acc.item(), 0) if acc.item() > best else (best, since + 1)
+            if since >= cfg.replay_patience:
+                break
+        return sum(losses) / len(losses), sum(accs) / len(accs), len(losses)
+
+    def step(self):
+        """One round of the paper's algorithm. Returns the values logged for it."""
+        cfg = self.cfg
+        warm = self.round < cfg.warmup
+        row = {"round": self.round + 1, "phase": "warm-up" if warm else "train"}
+        if cfg.method == "free":
+            idx = torch.randperm(len(self.teachers), generator=self.rng)[:cfg.B].tolist()
+            chosen = [self.teachers[i] for i in idx]
+            t0 = time.perf_counter()
+            tasks = self.recover(chosen, warm)
+            secs = time.perf_counter() - t0
+            self.stats["recovery_seconds_total"] += secs
+            self.stats["recovered_tasks"] += len(tasks)
+            row.update(rec_s=secs, rec_acc=sum(r.teacher_acc for r in tasks) / len(tasks))
+            self.last_recovered = [(r.x.cpu(), r.y.cpu(), t.classes) for r, t in zip(tasks, chosen)]
+            if warm:
+                return row
+            for r, t in zip(tasks, chosen):  # every recovered task; authors' code stores only the last
+                self.bank.add(r.x, r.y, t.classes)
+            kd_tasks = [(r.x, r.y, r.teacher_logits) for r in tasks]
+            g, kd = maml.align_meta_gradient(self.model, maml.detached_params(self.model), kd_tasks, cfg.alpha,
+                                             cfg.tau, cfg.hard_labels, align=not cfg.no_align)
+            check_finite(kd, "KD loss (Eq. 3)", self.round)
+            maml.apply_meta_gradient(self.model, self.opt, g)
+            row.update(kd=kd.item(), bank=len(self.bank))
+        elif warm:
+            return row
+        row["replay_loss"], row["replay_acc"], row["replay_batches"] = self.replay()
+        return row
+
+
+def check_finite(loss, what, round_):
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"round {round_ + 1}: the {what} is {loss.item()}; stopping. last.pt holds the "
+                                 f"state before this round (resume with --resume after fixing the cause)")
+
+
+def format_row(row, elapsed, eta):
+    parts = [f"round {row['round']:4d} {row['phase']:7s}"]
+    for key, fmt in [("rec_acc", "rec_acc {:.3f}"), ("rec_s", "rec {:.2f}s"), ("kd", "kd {:.4f}"),
+                     ("replay_loss", "replay_loss {:.4f}"), ("replay_acc", "replay_acc {:.3f}"),
+                     ("replay_batches", "x{}"), ("bank", "bank {}")]:
+        if key in row:
+            parts.append(fmt.format(row[key]))
+    parts.append(f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+    return " | ".join(parts)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def check_resume(cfg, out):
+    """Refuse to resume a run of another configuration."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(os.path.join(out, "last.pt")):
+        raise SystemExit(f"--resume: no last.pt in {out}; start without --resume")
+    with open(path) as f:
+        saved = json.load(f)
+    mine = dataclasses.asdict(cfg)
+    diff = [k for k in mine if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
+    if diff:
+        raise SystemExit(f"--resume: {out} belongs to a different configuration; differing settings: "
+                         + ", ".join(f"{k} (saved {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
+                         + ". Use another --out or the saved settings.")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device = pick_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.resume:
+        check_resume(cfg, cfg.out)
+    elif os.path.exists(os.path.join(cfg.out, "last.pt")):
+        raise SystemExit(f"{cfg.out} already holds a run (last.pt); pass --resume to continue it or pick "
+                         f"another --out")
+    log = Log(os.path.join(cfg.out, "log.txt"))
+    log(f"device: {device}  torch {torch.__version__}")
+    log("config: " + json.dumps(dataclasses.asdict(cfg)))
+    write_json_atomic(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
+    t_start = time.perf_counter()
+
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.mirror, seed=cfg.seed)
+    log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
+        f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
+    teachers = []
+    if cfg.method in ("free", "average"):
+        settings = ZooSettings(epochs=cfg.zoo_epochs)
+        teachers = build_zoo(ds, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset, settings,
+                             cfg.cache, device, log=log)
+        for t in teachers:
+            t.model.requires_grad_(False)
+    set_seed(cfg.seed)  # the zoo may be cached or trained: start the run's randomness from here
+
+    trainer = Trainer(cfg, ds, teachers, device, log)
+    last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
+    if cfg.resume:
+        trainer.load_state_dict(torch.load(last_path, weights_only=True, map_location=device))
+        log(f"resumed from {last_path} at round {trainer.round}")
+    if cfg.method == "average":
+        average_teachers(trainer.model, teachers)
+    trains = cfg.method in ("free", "maml")
+
+    stop = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("\ninterrupt: finishing this round, saving last.pt (Ctrl-C again to abort now)", flush=True)
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        t_loop, start_round = time.perf_counter(), trainer.round
+        while trains and trainer.round < cfg.rounds:
+            row = trainer.step()
+            trainer.round += 1
+            elapsed = time.perf_counter() - t_loop
+            eta = elapsed / (trainer.round - start_round) * (cfg.rounds - trainer.round)
+            log(format_row(row, elapsed, eta))
+            if (device.type == "cpu" and cfg.preset == "paper"
+                    and trainer.round == min(cfg.rounds, cfg.warmup + PROJECTION_ROUNDS)):
+                log(f"projected time on this CPU for {cfg.rounds} rounds: {eta / 3600:.1f} h more "
+                    f"(try --preset quick for a few minutes' run)")
+            validated = trainer.round % cfg.eval_every == 0 or trainer.round == cfg.rounds
+            if validated and trainer.round > cfg.warmup:
+                acc, ci = evaluate(cfg, trainer.model, maml.detached_params(trainer.model), ds.splits["val"],
+                                   cfg.val_tasks, VAL_TASK_SEED, device)
+                # model selection on meta-validation; authors' code selects on the test split
+                if acc > trainer.best_val:
+                    trainer.best_val = acc
+                    trainer.best_state = copy.deepcopy(trainer.model.state_dict())
+                    save_atomic({"model": trainer.best_state, "arch": trainer.model.arch,
+                                 "config": dataclasses.asdict(cfg)}, best_path)
+                log(f"round {trainer.round:4d} val {acc:.2f} ± {ci:.2f} (best {trainer.best_val:.2f})")
+            if validated or trainer.round % cfg.save_every == 0 or stop["flag"]:
+                save_atomic(trainer.state_dict(), last_path)
+            if stop["flag"]:
+                log(f"stopped at round {trainer.round}; continue with the same command and --resume")
+                return None
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+
+    # ---- the single meta-test
+    model = trainer.model
+    if trainer.best_state is not None:
+        model.load_state_dict(trainer.best_state)
+    elif not os.path.exists(best_path):
+        save_atomic({"model": model.state_dict(), "arch": model.arch, "config": dataclasses.asdict(cfg)}, best_path)
+    test = meta_test(cfg, ds, model, maml.detached_params(model), device)
+    acc, ci = test["test_acc"]
+    log(f"meta-test ({cfg.test_tasks} tasks{' per domain' if ds.name == 'mix' else ''}, seed {TEST_TASK_SEED}): "
+        f"{acc:.2f} ± {ci:.2f}")
+    for d, (a, c) in test.get("per_domain", {}).items():
+        log(f"  {d}: {a:.2f} ± {c:.2f}")
+
+    if trainer.last_recovered:
+        rows = []
+        x, y, classes = trainer.last_recovered[-1]
+        real = ds.splits["train"]
+        for local, cls in enumerate(classes):
+            rec = list(x[y == local][:GRID_PER_CLASS])
+            real_imgs = real.images[real.labels == cls][:GRID_PER_CLASS].float() / 255
+            rows.append(rec + list(real_imgs))
+        save_grid(os.path.join(cfg.out, "recovered.png"), rows)
+
+    st = trainer.stats
+    results = dict(dataset=cfg.dataset, way=cfg.way, shots=cfg.shots, method=cfg.method, ablations=ablations(cfg),
+                   teacher_arch=cfg.teacher_arch, preset=cfg.preset, seed=cfg.seed, device=str(device),
+                   rounds=trainer.round, torch_version=torch.__version__, test_acc=acc, test_ci95=ci,
+                   best_val_acc=trainer.best_val if trainer.best_val >= 0 else None,
+                   recovery_seconds_total=st["recovery_seconds_total"],
+                   recovery_seconds_per_task=st["recovery_seconds_total"] / max(1, st["recovered_tasks"]),
+                   wall_seconds=time.perf_counter() - t_start)
+    if "per_domain" in test:
+        results["per_domain"] = {d: {"test_acc": a, "test_ci95": c} for d, (a, c) in test["per_domain"].items()}
+    write_json_atomic(results, os.path.join(cfg.out, "results.json"))
+    log(f"results: {os.path.join(cfg.out, 'results.json')}  wall {results['wall_seconds']:.0f}s")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")

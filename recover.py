@@ -1,0 +1,214 @@
+"""FIVE (Faster Inversion via meta-generator): recover each teacher's task in k steps from a
+meta-learned generator, meta-update the generator (first-order), and keep every recovered task in a
+memory bank for cross-task replay.
+
+Paper: Wei et al., CVPR 2024, §3.2, Eq. (1), supplement Table 1 (SPEC.md §2 "FIVE").
+
+Differences from the authors' code:
+- the meta-generator's Adam persists across rounds (theirs is recreated every round);
+- all B recovered tasks of a round enter the memory bank (theirs stores only the last teacher's);
+- L_adv is a true KL on log-probabilities (theirs feeds probabilities to F.kl_div);
+- recovered images stay in memory as uint8 tensors (theirs writes PNGs; the quantisation is the same);
+- no "best image" selection (theirs has one that never selects).
+"""
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from models import NF, Generator
+
+K = 5  # k, generator adaptation steps per teacher (SPEC §2)
+GEN_LR = 1e-3  # lr of the inner Adam on (theta_G', Z) and of the meta-generator's Adam (SPEC §2)
+GEN_BETAS = (0.5, 0.999)  # Adam betas of the generator optimisers (authors' default, SPEC §5)
+IMAGES_PER_CLASS = 20  # rows of Z per class: 100 for a 5-way teacher (SPEC §2)
+LAMBDA_ADV = 1.0  # lambda_adv of Eq. (1) (SPEC §2)
+AUG_PAD = 4  # A(.): random-crop padding (SPEC §2)
+BANK_CAP = 400  # memory-bank FIFO cap per class: 20 batches of 20 images (SPEC §2)
+SCRATCH_STEPS = 200  # from-scratch inversion steps of BiDf-MKD, the speed-up baseline (SPEC §4)
+
+
+def augment(x, pad=AUG_PAD, flip=True):
+    """A(.) of Eq. (1), differentiable: random crop of each image after zero-padding by `pad`,
+    then a random horizontal flip (if `flip`). x [B, C, H, W] -> [B, C, H, W]."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, [pad, pad, pad, pad])  # [B, C, H+2p, W+2p]
+    di = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
+    dj = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
+    rows = (di[:, None] + torch.arange(H, device=x.device))[:, :, None]  # [B, H, 1]
+    cols = (dj[:, None] + torch.arange(W, device=x.device))[:, None, :]  # [B, 1, W]
+    b = torch.arange(B, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)  # [B, C, H, W]
+    if flip:
+        mirror = torch.rand(B, device=x.device) < 0.5
+        out = torch.where(mirror[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def adversarial_loss(teacher_logits, student_logits):
+    """L_adv of Eq. (1): push recovered samples toward those the current meta-learner still gets
+    right, to make harder tasks:
+
+        L_adv = - mean_n[ 1(argmax f_theta(x_n) = argmax M_i(x_n)) * KL(p_M(x_n) || p_f(x_n)) ]
+    """
+    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()  # the indicator 1(.)
+    kl = F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
+                  reduction="none", log_target=True).sum(1)  # KL(p_M || p_f) per sample
+    return -(agree * kl).mean()
+
+
+def inversion_loss(teacher, x, y, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True):
+    """Eq. (1):  L_G = CE(M_i(A(G(Z; theta_G'))), Y) + lambda_adv * L_adv
+
+    x = G(Z; theta_G') in [0, 1]; the teacher normalises its own input. `student` is None during
+    warm-up, which drops L_adv. `student` is (meta-learner module, detached params)."""
+    xa = augment(x, pad, flip)
+    teacher_logits = teacher(xa)
+    loss = F.cross_entropy(teacher_logits, y)
+    if student is not None and lambda_adv > 0:
+        model, params = student
+        loss = loss + lambda_adv * adversarial_loss(teacher_logits, functional_call(model, params, (xa,)))
+    return loss
+
+
+@dataclass
+class RecoveredTask:
+    x: torch.Tensor  # [way * n, C, H, W] recovered images in [0, 1]
+    y: torch.Tensor  # [way * n] the teacher's local labels Y
+    teacher_logits: torch.Tensor  # [way * n, way] M_i(x), soft labels for KD
+    teacher_acc: float  # M_i's accuracy on x (the weak yardstick, SPEC §6)
+    meta_grad: list  # first-order gradient of L_G at the adapted theta_G' (None if not asked)
+    seconds: float
+
+
+def labels_Y(way, n_per_class, device):
+    """Y: n_per_class rows per class, [way * n_per_class] = [0,...,0, 1,...,1, ...]."""
+    return torch.arange(way, device=device).repeat_interleave(n_per_class)
+
+
+def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, lr=GEN_LR,
+                 betas=GEN_BETAS, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True,
+                 meta_grad=True):
+    """Recover teacher M_i's task: theta_G' <- theta_G, a fresh Z ~ N(0, I), then `steps` Adam
+    steps on (theta_G', Z) jointly minimising Eq. (1). Finally evaluate L_G once more at the
+    adapted theta_G' for the first-order meta-gradient (FOMAML) and return the images
+    x = G(Z; theta_G'), their labels Y and the teacher's soft labels."""
+    t0 = time.perf_counter()
+    device = next(theta_G.parameters()).device
+    G = copy.deepcopy(theta_G)  # theta_G' = theta_G
+    Z = torch.randn(way * n_per_class, G.d_z, device=device, requires_grad=True)
+    Y = labels_Y(way, n_per_class, device)
+    params = list(G.parameters())
+    opt = torch.optim.Adam(params + [Z], lr=lr, betas=betas)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = inversion_loss(teacher, G(Z), Y, student, lambda_adv, pad, flip)
+        loss.backward(inputs=params + [Z])
+        opt.step()
+    grads = None
+    with torch.enable_grad():
+        x = G(Z)
+        if meta_grad:
+            loss = inversion_loss(teacher, x, Y, student, lambda_adv, pad, flip)
+            grads = [g.detach() for g in torch.autograd.grad(loss, params)]
+    x = x.detach()
+    with torch.no_grad():
+        t_logits = teacher(x)
+    acc = (t_logits.argmax(1) == Y).float().mean().item()
+    return RecoveredTask(x, Y, t_logits, acc, grads, time.perf_counter() - t0)
+
+
+def recover_from_scratch(teacher, way, steps=SCRATCH_STEPS, image_size=32, nc=3, nf=NF, **kwargs):
+    """Baseline inversion (BiDf-MKD style): a freshly initialised generator and `steps` steps of
+    Eq. (1). The speed-up claim compares this with `recover_task` from the meta-generator."""
+    device = next(teacher.parameters()).device
+    G = Generator(image_size=image_size, nc=nc, nf=nf).to(device)
+    return recover_task(G, teacher, way, steps=steps, meta_grad=False, **kwargs)
+
+
+class MetaGenerator:
+    """theta_G and its meta-update: after the B teachers of a round, theta_G takes one step of a
+    persistent Adam with the mean of the first-order meta-gradients (FOMAML)."""
+
+    def __init__(self, generator, lr=GEN_LR, betas=GEN_BETAS):
+        self.G = generator
+        # persistent across rounds; authors' code recreates this Adam every round
+        self.opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
+
+    def meta_update(self, meta_grads):
+        """theta_G <- Adam(theta_G, (1/B) sum_i grad L_G(T_i; theta_G'_i))."""
+        self.opt.zero_grad(set_to_none=True)
+        for j, p in enumerate(self.G.parameters()):
+            p.grad = torch.stack([g[j] for g in meta_grads]).mean(0)
+        self.opt.step()
+
+    def state_dict(self):
+        return {"G": self.G.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.G.load_state_dict(state["G"])
+        self.opt.load_state_dict(state["opt"])
+
+
+def to_uint8(x):
+    """[0, 1] float -> uint8 (the quantisation a PNG round trip would apply)."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class MemoryBank:
+    """Recovered images keyed by global class id (from the teacher's label list), FIFO-capped per
+    class. Samples N-way K-shot Q-query tasks whose classes may come from different teachers
+    (cross-task replay), relabelled 0..N-1."""
+
+    def __init__(self, cap=BANK_CAP):
+        self.cap = cap
+        self.images = {}  # global class id -> uint8 [n <= cap, C, H, W], oldest first
+
+    def add(self, x, y, classes):
+        """Store recovered images x [M, C, H, W] with local labels y under global ids classes[y]."""
+        x = to_uint8(x.detach()).cpu()
+        for local, cls in enumerate(classes):
+            new = x[y.cpu() == local]
+            old = self.images.get(int(cls))
+            merged = new if old is None else torch.cat([old, new])
+            self.images[int(cls)] = merged[-self.cap:]  # FIFO: drop the oldest beyond the cap
+
+    def __len__(self):
+        return sum(v.shape[0] for v in self.images.values())
+
+    def classes(self, min_images=1):
+        return sorted(c for c, v in self.images.items() if v.shape[0] >= min_images)
+
+    def sample_tasks(self, n_tasks, way, shot, query, generator, device="cpu"):
+        """T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot], x_q [T, way*query, ...], y_q;
+        classes drawn without replacement from the whole bank, images without replacement within
+        a class; labels relative, 0..way-1. Returns float images in [0, 1] on `device`."""
+        pool = self.classes(min_images=shot + query)
+        if len(pool) < way:
+            raise ValueError(f"memory bank has {len(pool)} classes with >= {shot + query} images; "
+                             f"a {way}-way task needs {way}")
+        xs, xq = [], []
+        for _ in range(n_tasks):
+            chosen = torch.randperm(len(pool), generator=generator)[:way].tolist()
+            s, q = [], []
+            for c in chosen:
+                imgs = self.images[pool[c]]
+                idx = torch.randperm(imgs.shape[0], generator=generator)[:shot + query]
+                s.append(imgs[idx[:shot]])
+                q.append(imgs[idx[shot:]])
+            xs.append(torch.cat(s))
+            xq.append(torch.cat(q))
+        y_s = torch.arange(way).repeat_interleave(shot).expand(n_tasks, -1)
+        y_q = torch.arange(way).repeat_interleave(query).expand(n_tasks, -1)
+        to = lambda t: t.to(device).float() / 255.0
+        return to(torch.stack(xs)), y_s.to(device), to(torch.stack(xq)), y_q.to(device)
+
+    def state_dict(self):
+        return {"cap": self.cap, "images": dict(self.images)}
+
+    def load_state_dict(self, state):
+        self.cap = state["cap"]
+        self.images = dict(state["images"])

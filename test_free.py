@@ -1,0 +1,364 @@
+"""Tests of FREE's equations (models.py, recover.py, maml.py): each asserts a property that a real
+bug would break, with expected values derived by hand or against a naive reference. CPU only."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import maml
+import recover
+from models import Conv4, Generator, ResNet10, ResNet18
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def flat_grad(loss, params):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()), create_graph=True)])
+
+
+# ---------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("size,nc", [(32, 3), (84, 3), (28, 1)])
+def test_generator_follows_table1_layer_sequence_and_shapes(size, nc):
+    G = Generator(image_size=size, nc=nc)
+    assert G.fc.in_features == 256 and G.fc.out_features == 2 * 64 * (size // 4) ** 2
+    kinds = [type(m).__name__ for m in G.net]
+    assert kinds == ["BatchNorm2d", "Upsample", "Conv2d", "BatchNorm2d", "LeakyReLU", "Upsample",
+                     "Conv2d", "BatchNorm2d", "LeakyReLU", "Conv2d", "Sigmoid"]
+    convs = [m for m in G.net if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (128, 128, (3, 3), (1, 1), (1, 1)), (128, 64, (3, 3), (1, 1), (1, 1)), (64, nc, (3, 3), (1, 1), (1, 1))]
+    assert all(m.negative_slope == 0.2 for m in G.net if isinstance(m, nn.LeakyReLU))
+    x = G(torch.randn(4, 256))
+    assert x.shape == (4, nc, size, size)
+    assert x.min() > 0 and x.max() < 1
+
+
+@pytest.mark.parametrize("make,size,nc", [(Conv4, 28, 1), (Conv4, 84, 3), (ResNet10, 32, 3), (ResNet18, 32, 3)])
+def test_functional_call_matches_module_forward(make, size, nc):
+    model = make(num_classes=5, in_channels=nc, image_size=size, mean=[0.3] * nc, std=[0.2] * nc)
+    x = torch.rand(6, nc, size, size)
+    for mode in (model.train, model.eval):
+        mode()
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        torch.testing.assert_close(functional_call(model, params, (x,)), model(x))
+    assert model(x).shape == (6, 5)
+
+
+def test_conv4_meta_learner_uses_batch_statistics_in_eval_mode():
+    m = Conv4(5, 1, 28, track_running_stats=False).eval()
+    x = torch.rand(8, 1, 28, 28)
+    # with batch statistics, a sample's output depends on the rest of the batch
+    assert not torch.allclose(m(x)[:4], m(x[:4]))
+    assert [k for k, _ in m.named_buffers()] == ["normalize.mean", "normalize.std"]  # no running stats
+    # batch statistics written out == nn.BatchNorm2d without running statistics
+    bn = nn.BatchNorm2d(32, track_running_stats=False)
+    h = torch.randn(8, 32, 5, 5)
+    torch.testing.assert_close(m.blocks[0][1](h), bn(h))
+
+
+# ---------------------------------------------------------------- MAML
+
+
+def test_one_inner_step_matches_hand_derivation():
+    """Linear model W = 0, b = 0 on one sample x = [1, 2], y = 0, lr = 0.1.
+    softmax = [1/2, 1/2], dCE/dlogits = p - e_y = [-1/2, 1/2];
+    dW = (p - e_y) x^T = [[-1/2, -1], [1/2, 1]], db = [-1/2, 1/2];
+    W' = -0.1 dW = [[0.05, 0.1], [-0.05, -0.1]], b' = [0.05, -0.05]."""
+    model = nn.Linear(2, 2)
+    params = {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}
+    out = maml.inner_adapt(model, params, torch.tensor([[1.0, 2.0]]), torch.tensor([0]), steps=1, lr=0.1)
+    torch.testing.assert_close(out["weight"], torch.tensor([[0.05, 0.1], [-0.05, -0.1]]))
+    torch.testing.assert_close(out["bias"], torch.tensor([0.05, -0.05]))
+
+
+class TinyNet(nn.Module):
+    """A small smooth network in float64 for derivative checks."""
+
+    def __init__(self, d_in=3, d_h=4, d_out=3):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_h).double()
+        self.fc2 = nn.Linear(d_h, d_out).double()
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def tiny_task(n=6, d_in=3, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    net = TinyNet()
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    (xs, ys), (xq, yq) = tiny_task(seed=1), tiny_task(seed=2)
+
+    def outer(p):
+        return maml.maml_task_loss(net, p, xs, ys, xq, yq, steps=2, lr=0.5, first_order=False)[0]
+
+    analytic = torch.autograd.grad(outer(params), params["fc1.weight"])[0]
+    eps = 1e-6
+    for idx in [(0, 0), (1, 2), (3, 1)]:
+        plus = {k: v.detach().clone() for k, v in params.items()}
+        minus = {k: v.detach().clone() for k, v in params.items()}
+        plus["fc1.weight"][idx] += eps
+        minus["fc1.weight"][idx] -= eps
+        fd = (outer(plus) - outer(minus)) / (2 * eps)
+        assert abs(fd.item() - analytic[idx].item()) < 1e-7
+
+
+def test_first_order_equals_second_order_minus_hessian_term():
+    """One inner step theta' = theta - a g_s(theta):
+    d/dtheta L_q(theta') = (I - a H_s) grad L_q(theta')  (second order)
+    first order keeps only grad L_q(theta'), so  SO = FO - a H_s grad L_q(theta')."""
+    net, a = TinyNet(), 0.3
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    (xs, ys), (xq, yq) = tiny_task(seed=3), tiny_task(seed=4)
+    so = flat_grad(maml.maml_task_loss(net, params, xs, ys, xq, yq, 1, a, first_order=False)[0], params)
+    fo = flat_grad(maml.maml_task_loss(net, params, xs, ys, xq, yq, 1, a, first_order=True)[0], params)
+    adapted = maml.inner_adapt(net, params, xs, ys, 1, a)
+    v = torch.autograd.grad(F.cross_entropy(functional_call(net, adapted, (xq,)), yq), list(adapted.values()))
+    g_s = flat_grad(F.cross_entropy(functional_call(net, params, (xs,)), ys), params)
+    hvp = torch.cat([h.reshape(-1) for h in torch.autograd.grad(g_s @ torch.cat([t.reshape(-1) for t in v]),
+                                                                  list(params.values()))])
+    torch.testing.assert_close(so, fo - a * hvp)
+    assert (so - fo).abs().max() > 1e-4  # the Hessian term is not negligible here
+
+
+def test_lemma1_error_is_second_order_in_alpha():
+    """Lemma 1: with theta_tilde = theta - alpha grad L_j(theta),
+    grad_theta L_i(theta_tilde) = grad L_i - alpha H_i grad L_j + O(alpha^2).
+    The remainder must shrink about 4x when alpha halves."""
+    net = TinyNet()
+    theta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    (xi, yi), (xj, yj) = tiny_task(seed=5), tiny_task(seed=6)
+    L = lambda p, x, y: F.cross_entropy(functional_call(net, p, (x,)), y)
+    g_i, g_j = flat_grad(L(theta, xi, yi), theta), flat_grad(L(theta, xj, yj), theta)
+    H_i_g_j = torch.cat([h.reshape(-1) for h in torch.autograd.grad(g_i @ g_j.detach(), list(theta.values()))])
+
+    def remainder(alpha):
+        shapes = [v.shape for v in theta.values()]
+        step = torch.split(g_j.detach(), [s.numel() for s in shapes])
+        tilde = {k: (v - alpha * s.view(v.shape)).detach().requires_grad_()
+                 for (k, v), s in zip(theta.items(), step)}
+        lhs = flat_grad(L(tilde, xi, yi), tilde)  # grad of L_i evaluated at theta_tilde
+        return (lhs - (g_i - alpha * H_i_g_j)).norm().item()
+
+    r = [remainder(a) for a in (0.1, 0.05, 0.025)]
+    for big, small in zip(r, r[1:]):
+        assert 3.3 < big / small < 4.7, r
+
+
+def test_eq3_meta_gradient_is_sequential_and_no_align_is_the_mean_gradient():
+    """Two tasks, B = 2: Eq. (3) steps theta_1 = theta - a g_1(theta), theta_2 = theta_1 - a g_2(theta_1),
+    so (theta - theta_2) / (2a) = (g_1(theta) + g_2(theta_1)) / 2; without alignment both steps start
+    at theta: (g_1(theta) + g_2(theta)) / 2."""
+    net, a = TinyNet(), 0.2
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+    tasks = []
+    for s in (7, 8):
+        x, y = tiny_task(seed=s)
+        tasks.append((x, y, torch.randn(x.shape[0], 3, dtype=torch.float64)))
+
+    def g(p, task):
+        p = {k: v.clone().requires_grad_() for k, v in p.items()}
+        return dict(zip(p, torch.autograd.grad(maml.distill_loss(net, p, task), list(p.values()))))
+
+    g1 = g(theta, tasks[0])
+    theta_1 = {k: theta[k] - a * g1[k] for k in theta}
+    g2_seq, g2_ind = g(theta_1, tasks[1]), g(theta, tasks[1])
+    aligned, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a)
+    independent, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, align=False)
+    for k in theta:
+        torch.testing.assert_close(aligned[k], (g1[k] + g2_seq[k]) / 2)
+        torch.testing.assert_close(independent[k], (g1[k] + g2_ind[k]) / 2)
+    assert any((aligned[k] - independent[k]).abs().max() > 1e-6 for k in theta)
+
+
+def test_vmapped_meta_batch_matches_per_task_loop():
+    model = Conv4(5, 1, 16, track_running_stats=False)
+    params = dict(model.named_parameters())
+    T = 3
+    x_s, x_q = torch.rand(T, 5, 1, 16, 16), torch.rand(T, 10, 1, 16, 16)
+    y_s, y_q = torch.arange(5).expand(T, -1), torch.arange(5).repeat_interleave(2).expand(T, -1)
+    for first_order in (False, True):
+        out = {}
+        for vec in (True, False):
+            loss, acc = maml.maml_meta_batch_loss(model, params, x_s, y_s, x_q, y_q, steps=2,
+                                                  first_order=first_order, vectorize=vec)
+            out[vec] = (loss, acc, torch.autograd.grad(loss, list(params.values())))
+        torch.testing.assert_close(out[True][0], out[False][0])
+        torch.testing.assert_close(out[True][1], out[False][1])
+        for a, b in zip(out[True][2], out[False][2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    acc_v = maml.meta_test(model, params, x_s, y_s, x_q, y_q, steps=3, vectorize=True)
+    acc_l = maml.meta_test(model, params, x_s, y_s, x_q, y_q, steps=3, vectorize=False)
+    torch.testing.assert_close(acc_v, acc_l)
+
+
+# ---------------------------------------------------------------- KD and L_adv
+
+
+def test_kd_loss_zero_iff_student_equals_teacher():
+    t = torch.randn(8, 5)
+    assert maml.kd_loss(t.clone(), t).abs().item() < 1e-6
+    assert maml.kd_loss(torch.randn(8, 5), t).item() > 1e-3
+    # tau^2 * KL at temperature tau, checked against the definition
+    s, tau = torch.randn(8, 5), 2.0
+    p, q = F.softmax(t / tau, 1), F.softmax(s / tau, 1)
+    expected = tau ** 2 * (p * (p.log() - q.log())).sum(1).mean()
+    torch.testing.assert_close(maml.kd_loss(s, t, tau), expected)
+
+
+def test_kd_gradient_matches_finite_differences():
+    t = torch.randn(4, 5, dtype=torch.float64)
+    s = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s_: maml.kd_loss(s_, t, 1.5), (s,))
+
+
+def test_adversarial_mask_keeps_only_agreeing_samples():
+    """Rows 0 and 2 agree (argmax 0 and 1); row 1 disagrees and must not contribute.
+    L_adv = -(KL_0 + KL_2) / 3 (the mean runs over all n = 3 samples)."""
+    teacher = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.5]])
+    p, q = F.softmax(teacher, 1), F.softmax(student, 1)
+    kl = (p * (p.log() - q.log())).sum(1)
+    torch.testing.assert_close(recover.adversarial_loss(teacher, student), -(kl[0] + kl[2]) / 3)
+    # changing the disagreeing row's student logits must not change the loss
+    student2 = student.clone()
+    student2[1] = torch.tensor([-5.0, 5.0])
+    torch.testing.assert_close(recover.adversarial_loss(teacher, student2), -(kl[0] + kl[2]) / 3)
+
+
+def test_augment_is_a_shift_within_padding_and_keeps_gradients():
+    x = torch.rand(16, 3, 8, 8, requires_grad=True)
+    out = recover.augment(x, pad=2, flip=False)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad is not None and x.grad.max() <= 1.0
+    assert torch.allclose(recover.augment(x, pad=0, flip=False), x)
+
+
+# ---------------------------------------------------------------- recovery (FIVE)
+
+
+SIZE, NC, WAY, NF_TINY = 16, 1, 5, 16
+
+
+def train_tiny_teacher(classes, prototypes, steps=40):
+    """A Conv4 teacher on `classes` of a pool of fixed random 16x16 patterns plus noise."""
+    model = Conv4(WAY, NC, SIZE)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    y = torch.arange(WAY).repeat_interleave(16)
+    for _ in range(steps):
+        x = (prototypes[classes][y] + 0.15 * torch.randn(len(y), NC, SIZE, SIZE)).clamp(0, 1)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo():
+    torch.manual_seed(1)
+    prototypes = (torch.rand(20, NC, SIZE, SIZE) > 0.5).float()
+    return [train_tiny_teacher(torch.randperm(20)[:WAY], prototypes) for _ in range(7)]
+
+
+def test_k_recovery_steps_raise_teacher_accuracy(tiny_zoo):
+    G = Generator(SIZE, NC, nf=NF_TINY)
+    before = recover.recover_task(G, tiny_zoo[0], WAY, steps=0, n_per_class=10, flip=False, meta_grad=False)
+    after = recover.recover_task(G, tiny_zoo[0], WAY, steps=30, n_per_class=10, lr=0.01, flip=False)
+    assert after.teacher_acc > before.teacher_acc + 0.3
+    assert after.x.shape == (50, NC, SIZE, SIZE) and after.teacher_logits.shape == (50, WAY)
+    assert len(after.meta_grad) == len(list(G.parameters()))
+
+
+def test_meta_generator_recovers_unseen_teacher_better_than_fresh_generator(tiny_zoo):
+    """The FIVE claim, small: after 20 meta-updates over 6 teachers, k = 5 steps from theta_G on an
+    unseen teacher reach a lower Eq. (1) loss and a higher accuracy than 5 steps from the same
+    initial generator without meta-training (4 recoveries each, same Z seeds)."""
+    k, n, lr, nf = 5, 10, 0.01, 8
+    meta = recover.MetaGenerator(Generator(SIZE, NC, nf=nf), lr=lr)
+    fresh = copy.deepcopy(meta.G)
+    for _ in range(20):
+        meta.meta_update([recover.recover_task(meta.G, t, WAY, k, n, lr, flip=False).meta_grad for t in tiny_zoo[:6]])
+
+    def recover_unseen(G):
+        torch.manual_seed(5)
+        runs = [recover.recover_task(G, tiny_zoo[6], WAY, k, n, lr, flip=False, meta_grad=False) for _ in range(4)]
+        return (sum(r.teacher_acc for r in runs) / 4,
+                sum(F.cross_entropy(r.teacher_logits, r.y).item() for r in runs) / 4)
+
+    (acc_meta, loss_meta), (acc_fresh, loss_fresh) = recover_unseen(meta.G), recover_unseen(fresh)
+    assert acc_meta > acc_fresh + 0.08 and loss_meta < loss_fresh - 0.1, (acc_meta, acc_fresh, loss_meta, loss_fresh)
+
+
+def test_meta_update_moves_theta_G_with_persistent_adam_state():
+    G = Generator(SIZE, NC, nf=NF_TINY)
+    meta = recover.MetaGenerator(G)
+    before = [p.detach().clone() for p in G.parameters()]
+    grads = [[torch.ones_like(p) for p in G.parameters()], [3 * torch.ones_like(p) for p in G.parameters()]]
+    meta.meta_update(grads)
+    meta.meta_update(grads)
+    state = meta.opt.state[next(iter(G.parameters()))]
+    assert state["step"].item() == 2  # one optimiser across updates
+    # Adam's first step moves every coordinate by lr * sign(mean grad) (= +1 here): theta decreases
+    assert all((p < b).all() for p, b in zip(G.parameters(), before))
+
+
+# ---------------------------------------------------------------- memory bank
+
+
+def test_memory_bank_fifo_cap_and_global_class_ids():
+    bank = recover.MemoryBank(cap=30)
+    y = torch.arange(2).repeat_interleave(20)
+    bank.add(torch.full((40, 1, 4, 4), 0.2), y, classes=[7, 3])
+    bank.add(torch.full((40, 1, 4, 4), 0.8), y, classes=[7, 9])
+    assert sorted(bank.images) == [3, 7, 9]
+    assert bank.images[7].shape[0] == 30 and bank.images[3].shape[0] == 20
+    # FIFO: of class 7's 40 images the 10 oldest (value 0.2) were dropped, newest 20 are 0.8
+    assert (bank.images[7][:10] == recover.to_uint8(torch.tensor(0.2))).all()
+    assert (bank.images[7][10:] == recover.to_uint8(torch.tensor(0.8))).all()
+    assert len(bank) == 30 + 20 + 20
+
+
+def test_memory_bank_tasks_have_relative_labels_and_mix_teachers():
+    bank = recover.MemoryBank()
+    y = torch.arange(5).repeat_interleave(20)
+    for teacher, classes in enumerate([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14], [20, 21, 22, 23, 24]]):
+        # encode the teacher in the pixel value, the class in a second pixel
+        x = torch.zeros(100, 1, 2, 2)
+        x[:, 0, 0, 0] = teacher / 10
+        x[:, 0, 0, 1] = torch.tensor(classes, dtype=torch.float)[y] / 100
+        bank.add(x, y, classes)
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = bank.sample_tasks(50, 5, 1, 15, g)
+    assert x_s.shape == (50, 5, 1, 2, 2) and x_q.shape == (50, 75, 1, 2, 2)
+    assert y_s[0].tolist() == [0, 1, 2, 3, 4] and y_q[0].tolist() == [i for i in range(5) for _ in range(15)]
+    # support and query of a relative label are the same global class
+    cls_s = (x_s[:, :, 0, 0, 1] * 100).round()
+    cls_q = (x_q[:, :, 0, 0, 1] * 100).round().view(50, 5, 15)
+    assert (cls_q == cls_s[:, :, None]).all()
+    teachers_per_task = [len(set((x_s[t, :, 0, 0, 0] * 10).round().tolist())) for t in range(50)]
+    assert max(teachers_per_task) > 1  # cross-task replay mixes teachers
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_mean_ci95_is_1_96_std_over_sqrt_n():
+    accs = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    mean, ci = maml.mean_ci95(accs)
+    # population std of [20, 40, 60, 80] = sqrt(500) = 22.36; 1.96 * 22.36 / 2 = 21.91
+    assert mean == pytest.approx(50.0)
+    assert ci == pytest.approx(1.96 * math.sqrt(500) / 2)

@@ -1,0 +1,103 @@
+"""End-to-end tests of free.py on the `synthetic` data set with the smoke preset (CPU, seconds each):
+every method and ablation runs and writes its results, a resumed run equals an uninterrupted one,
+the NaN guard fires, Ctrl-C leaves a resumable checkpoint, and a mismatched --resume is refused."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import free
+import maml
+
+RESULT_KEYS = {"dataset", "way", "shots", "method", "ablations", "teacher_arch", "preset", "seed", "device",
+               "rounds", "torch_version", "test_acc", "test_ci95", "best_val_acc", "recovery_seconds_total",
+               "recovery_seconds_per_task", "wall_seconds"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("zoo"))  # one smoke zoo shared by every run here
+
+
+def run(out, cache, *extra):
+    argv = ["--dataset", "synthetic", "--preset", "smoke", "--device", "cpu", "--out", str(out),
+            "--cache", cache, "--data-root", str(out), *extra]
+    return free.main(argv)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--method", "free"], ["--method", "random"], ["--method", "average"], ["--method", "maml"],
+    ["--no-meta-generator"], ["--no-align"], ["--hard-labels"], ["--shots", "5", "--first-order"]])
+def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache, extra):
+    res = run(tmp_path, cache, *extra)
+    on_disk = json.load(open(tmp_path / "results.json"))
+    assert RESULT_KEYS <= set(on_disk) and on_disk == json.loads(json.dumps(res))
+    assert 0 <= res["test_acc"] <= 100 and res["test_ci95"] >= 0
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert set(best) == {"model", "arch", "config"}
+    model = free.Conv4(**best["arch"])
+    model.load_state_dict(best["model"])
+    assert json.load(open(tmp_path / "config.json"))["preset"] == "smoke"
+    if res["method"] == "free":
+        assert (tmp_path / "recovered.png").exists() and res["recovery_seconds_total"] > 0
+        assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 3
+
+
+def test_resume_gives_the_same_parameters_and_results(tmp_path, cache):
+    straight = run(tmp_path / "a", cache, "--rounds", "4")
+    first = run(tmp_path / "b", cache, "--rounds", "2")
+    assert first["rounds"] == 2
+    resumed = run(tmp_path / "b", cache, "--rounds", "4", "--resume")
+    for key in ("test_acc", "test_ci95", "best_val_acc", "rounds"):
+        assert straight[key] == resumed[key], key
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for part in ("model", "meta_gen"):
+        flat_a, flat_b = flatten(a[part]), flatten(b[part])
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            torch.testing.assert_close(flat_a[k], flat_b[k], rtol=0, atol=0)
+
+
+def flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[prefix + str(k)] = v
+    return out
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(maml, "kd_loss", lambda student, teacher, tau=1.0: student.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"round 2: the KD loss"):
+        run(tmp_path, cache)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 1  # warm-up round, before the NaN
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, cache, monkeypatch):
+    step = free.Trainer.step
+
+    def step_then_interrupt(self):
+        row = step(self)
+        if self.round == 1:  # the round in progress is the second
+            signal.raise_signal(signal.SIGINT)
+        return row
+
+    monkeypatch.setattr(free.Trainer, "step", step_then_interrupt)
+    assert run(tmp_path, cache) is None
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 2
+    monkeypatch.setattr(free.Trainer, "step", step)
+    assert run(tmp_path, cache, "--resume")["rounds"] == 3
+
+
+def test_resume_refuses_a_different_configuration(tmp_path, cache):
+    run(tmp_path, cache, "--rounds", "2")
+    with pytest.raises(SystemExit, match="different configuration.*shots"):
+        run(tmp_path, cache, "--shots", "5", "--resume")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(tmp_path, cache)
+    assert os.path.exists(tmp_path / "last.pt")
