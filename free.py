@@ -33,7 +33,7 @@ import maml
 import recover
 from data import DATASETS, load_dataset, sample_tasks
 from models import ARCHS, Conv4, Generator
-from zoo import ZooSettings, build_zoo
+from zoo import build_zoo, paper_settings
 
 METHODS = ("free", "random", "average", "maml")
 TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and seed sees the same tasks
@@ -67,7 +67,8 @@ class Config:
     resume: bool = False
     # ---- counts (the preset sets these; a flag overrides)
     n_teachers: int = 100  # size of the teacher zoo (SPEC §2: 100)
-    zoo_epochs: int = 60  # teacher training epochs (SPEC §2: 60; CUB 100)
+    zoo_epochs: int = None  # teacher training epochs (SPEC §2: 60, CUB 100; None = the paper's for the data set)
+    zoo_batch: int = 128  # teacher training batch size (SPEC §2: 128)
     rounds: int = 1000  # meta-training rounds (authors' default)
     warmup: int = 20  # warm-up rounds, generator only (SPEC §2)
     B: int = 4  # B, teachers per round (SPEC §2)
@@ -95,10 +96,10 @@ class Config:
 PRESETS = {
     "paper": {},  # the Config defaults are the paper's
     # a CPU run of a few minutes on Omniglot (README "Presets" gives its measured time)
-    "quick": dict(n_teachers=40, zoo_epochs=30, rounds=60, warmup=5, nf=32, replay_patience=10,
-                  max_replay=4, eval_every=10, val_tasks=200, save_every=10, recover_steps=60),
+    "quick": dict(n_teachers=40, zoo_epochs=20, zoo_batch=32, rounds=60, warmup=5, nf=32, replay_patience=10,
+                  max_replay=4, eval_every=20, val_tasks=100, save_every=10, recover_steps=20),
     # seconds, for CI and tests
-    "smoke": dict(n_teachers=3, zoo_epochs=2, rounds=3, warmup=1, B=2, k=2, nf=8, meta_batch=2,
+    "smoke": dict(n_teachers=3, zoo_epochs=2, zoo_batch=32, rounds=3, warmup=1, B=2, k=2, nf=8, meta_batch=2,
                   max_replay=1, eval_every=2, val_tasks=6, test_tasks=10, save_every=1,
                   recover_steps=3, train_inner_steps=1, test_inner_steps=2),
 }
@@ -244,6 +245,18 @@ def meta_test(cfg, ds, model, params, device):
 # ------------------------------------------------------------------------ methods
 
 
+def load_teachers(cfg, ds, device, log):
+    """The teacher zoo of this configuration: trained once, then read from the cache."""
+    settings = dataclasses.replace(paper_settings(cfg.dataset), batch_size=cfg.zoo_batch)
+    if cfg.zoo_epochs is not None:
+        settings.epochs = cfg.zoo_epochs
+    teachers = build_zoo(ds, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset, settings,
+                         cfg.cache, device, log=log)
+    for t in teachers:
+        t.model.requires_grad_(False)
+    return teachers
+
+
 def new_meta_learner(ds, cfg, device):
     return Conv4(cfg.way, ds.channels, ds.image_size, ds.mean, ds.std, track_running_stats=False).to(device)
 
@@ -273,7 +286,7 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(cfg.seed)  # teacher choice and replay tasks
         self.round = 0
         self.best_val, self.best_state = -1.0, None
-        self.stats = dict(recovery_seconds_total=0.0, recovered_tasks=0)
+        self.stats = dict(recovery_seconds_total=0.0, recovered_tasks=0, warmup_seconds=0.0, train_seconds=0.0)
         self.last_recovered = []
 
     # ---- state
@@ -323,6 +336,8 @@ class Trainer:
         meta-train split) until train accuracy stalls for `replay_patience` meta-batches."""
         cfg, best, since, losses, accs = self.cfg, -1.0, 0, [], []
         vectorize = self.device.type == "cuda"
+        if cfg.method != "maml" and not self.bank.can_sample(cfg.way, cfg.shots, cfg.query):
+            return {"replay_batches": 0}  # too few images per class in the bank yet
         for _ in range(cfg.max_replay):
             if cfg.method == "maml":
                 batch = sample_tasks(self.ds.splits["train"], cfg.meta_batch, cfg.way, cfg.shots, cfg.query, self.rng)
@@ -341,7 +356,8 @@ class Trainer:
             best, since = (acc.item(), 0) if acc.item() > best else (best, since + 1)
             if since >= cfg.replay_patience:
                 break
-        return sum(losses) / len(losses), sum(accs) / len(accs), len(losses)
+        return {"replay_loss": sum(losses) / len(losses), "replay_acc": sum(accs) / len(accs),
+                "replay_batches": len(losses)}
 
     def step(self):
         """One round of the paper's algorithm. Returns the values logged for it."""
@@ -361,7 +377,8 @@ class Trainer:
             if warm:
                 return row
             for r, t in zip(tasks, chosen):  # every recovered task; authors' code stores only the last
-                self.bank.add(r.x, r.y, t.classes)
+                keep = recover.teacher_agrees(r)  # a selection that selects; the authors' never does
+                self.bank.add(r.x[keep], r.y[keep], t.classes)
             kd_tasks = [(r.x, r.y, r.teacher_logits) for r in tasks]
             g, kd = maml.align_meta_gradient(self.model, maml.detached_params(self.model), kd_tasks, cfg.alpha,
                                              cfg.tau, cfg.hard_labels, align=not cfg.no_align)
@@ -370,8 +387,16 @@ class Trainer:
             row.update(kd=kd.item(), bank=len(self.bank))
         elif warm:
             return row
-        row["replay_loss"], row["replay_acc"], row["replay_batches"] = self.replay()
+        row.update(self.replay())
         return row
+
+
+def peak_memory_mb(device):
+    """Peak resident memory of this process (Linux, MB), or peak CUDA memory on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KB on Linux
 
 
 def check_finite(loss, what, round_):
@@ -427,13 +452,7 @@ def main(argv=None):
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.mirror, seed=cfg.seed)
     log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
         f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
-    teachers = []
-    if cfg.method in ("free", "average"):
-        settings = ZooSettings(epochs=cfg.zoo_epochs)
-        teachers = build_zoo(ds, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset, settings,
-                             cfg.cache, device, log=log)
-        for t in teachers:
-            t.model.requires_grad_(False)
+    teachers = load_teachers(cfg, ds, device, log) if cfg.method in ("free", "average") else []
     set_seed(cfg.seed)  # the zoo may be cached or trained: start the run's randomness from here
 
     trainer = Trainer(cfg, ds, teachers, device, log)
@@ -457,7 +476,10 @@ def main(argv=None):
     try:
         t_loop, start_round = time.perf_counter(), trainer.round
         while trains and trainer.round < cfg.rounds:
+            t_round = time.perf_counter()
             row = trainer.step()
+            trainer.stats["warmup_seconds" if row["phase"] == "warm-up" else "train_seconds"] += \
+                time.perf_counter() - t_round
             trainer.round += 1
             elapsed = time.perf_counter() - t_loop
             eta = elapsed / (trainer.round - start_round) * (cfg.rounds - trainer.round)
@@ -515,7 +537,9 @@ def main(argv=None):
                    best_val_acc=trainer.best_val if trainer.best_val >= 0 else None,
                    recovery_seconds_total=st["recovery_seconds_total"],
                    recovery_seconds_per_task=st["recovery_seconds_total"] / max(1, st["recovered_tasks"]),
-                   wall_seconds=time.perf_counter() - t_start)
+                   wall_seconds=time.perf_counter() - t_start, peak_memory_mb=peak_memory_mb(device),
+                   seconds_per_warmup_round=st["warmup_seconds"] / max(1, min(trainer.round, cfg.warmup)),
+                   seconds_per_round=st["train_seconds"] / max(1, trainer.round - cfg.warmup))
     if "per_domain" in test:
         results["per_domain"] = {d: {"test_acc": a, "test_ci95": c} for d, (a, c) in test["per_domain"].items()}
     write_json_atomic(results, os.path.join(cfg.out, "results.json"))

@@ -9,7 +9,8 @@ Differences from the authors' code:
 - all B recovered tasks of a round enter the memory bank (theirs stores only the last teacher's);
 - L_adv is a true KL on log-probabilities (theirs feeds probabilities to F.kl_div);
 - recovered images stay in memory as uint8 tensors (theirs writes PNGs; the quantisation is the same);
-- no "best image" selection (theirs has one that never selects).
+- images enter the memory bank only where the teacher agrees with their label (theirs has a "best
+  image" selection that never selects).
 """
 import copy
 import time
@@ -91,11 +92,13 @@ def labels_Y(way, n_per_class, device):
 
 def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, lr=GEN_LR,
                  betas=GEN_BETAS, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True,
-                 meta_grad=True):
+                 meta_grad=True, after_step=None):
     """Recover teacher M_i's task: theta_G' <- theta_G, a fresh Z ~ N(0, I), then `steps` Adam
     steps on (theta_G', Z) jointly minimising Eq. (1). Finally evaluate L_G once more at the
     adapted theta_G' for the first-order meta-gradient (FOMAML) and return the images
-    x = G(Z; theta_G'), their labels Y and the teacher's soft labels."""
+    x = G(Z; theta_G'), their labels Y and the teacher's soft labels.
+    `after_step(step, G, Z)`, if given, is called after each step (bench.py traces quality with it;
+    its own time is not counted in `seconds`)."""
     t0 = time.perf_counter()
     device = next(theta_G.parameters()).device
     G = copy.deepcopy(theta_G)  # theta_G' = theta_G
@@ -103,11 +106,16 @@ def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, l
     Y = labels_Y(way, n_per_class, device)
     params = list(G.parameters())
     opt = torch.optim.Adam(params + [Z], lr=lr, betas=betas)
-    for _ in range(steps):
+    traced = 0.0
+    for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
         loss = inversion_loss(teacher, G(Z), Y, student, lambda_adv, pad, flip)
         loss.backward(inputs=params + [Z])
         opt.step()
+        if after_step is not None:
+            t_cb = time.perf_counter()
+            after_step(step, G, Z)
+            traced += time.perf_counter() - t_cb
     grads = None
     with torch.enable_grad():
         x = G(Z)
@@ -118,7 +126,7 @@ def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, l
     with torch.no_grad():
         t_logits = teacher(x)
     acc = (t_logits.argmax(1) == Y).float().mean().item()
-    return RecoveredTask(x, Y, t_logits, acc, grads, time.perf_counter() - t0)
+    return RecoveredTask(x, Y, t_logits, acc, grads, time.perf_counter() - t0 - traced)
 
 
 def recover_from_scratch(teacher, way, steps=SCRATCH_STEPS, image_size=32, nc=3, nf=NF, **kwargs):
@@ -153,6 +161,13 @@ class MetaGenerator:
         self.opt.load_state_dict(state["opt"])
 
 
+def teacher_agrees(task):
+    """Mask of the recovered images that the teacher assigns to their label Y: argmax M_i(x) = Y.
+    Only these enter the memory bank (the authors' code has a "best image" selection that never
+    selects; this one does)."""
+    return task.teacher_logits.argmax(1) == task.y
+
+
 def to_uint8(x):
     """[0, 1] float -> uint8 (the quantisation a PNG round trip would apply)."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -181,6 +196,10 @@ class MemoryBank:
 
     def classes(self, min_images=1):
         return sorted(c for c, v in self.images.items() if v.shape[0] >= min_images)
+
+    def can_sample(self, way, shot, query):
+        """Whether `way` classes hold at least shot + query images each."""
+        return len(self.classes(min_images=shot + query)) >= way
 
     def sample_tasks(self, n_tasks, way, shot, query, generator, device="cpu"):
         """T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot], x_q [T, way*query, ...], y_q;

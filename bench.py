@@ -1,0 +1,318 @@
+"""Measure FREE's claims on this machine; writes bench/results.json and bench/results.md (the README
+includes the latter). Every number there is written by this script; none is typed by hand.
+
+    python bench.py recovery   # speed-up of task recovery at equal quality (SPEC §4, §6)
+    python bench.py accuracy   # Omniglot 5-way 1/5-shot: FREE, baselines, ablations (quick preset)
+    python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
+    python bench.py report     # rewrite bench/results.md from bench/results.json
+
+Recovery quality has two yardsticks (SPEC §6): the teacher's accuracy on its recovered images (weak:
+it saturates), and the accuracy on the teacher's *real* images of a fresh Conv4 distilled from the
+recovered images alone (KD, STUDENT_STEPS Adam steps).
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import free
+import maml
+import recover
+from data import load_dataset
+from models import Conv4, Generator
+
+OUT = "bench"
+OMNIGLOT_ROOT = os.path.join("..", "shared", "data", "omniglot")
+# recovery benchmark (SPEC §6's protocol)
+META_TEACHERS = 40  # teachers the meta-generator is meta-trained on (the quick preset's zoo)
+UNSEEN_TEACHERS = 6  # teachers it never sees, on which recovery is timed
+META_ROUNDS = 60  # meta-generator rounds of B teachers (the quick preset's 60 rounds)
+SCRATCH_BUDGET = 400  # most from-scratch steps tried when matching quality (2x BiDf-MKD's 200)
+CHECKPOINTS = (5, 10, 20, 50, 100, 200, 400)  # from-scratch steps at which the student yardstick is taken
+STUDENT_STEPS = 100  # KD Adam steps of the yardstick student (SPEC §6)
+STUDENT_LR = 0.01  # its Adam lr (the Conv4 teachers' lr, SPEC §2)
+# accuracy benchmark: every method and ablation, quick preset
+RUNS = [("free", []), ("random", []), ("average", []), ("maml", []), ("free", ["--no-meta-generator"]),
+        ("free", ["--no-align"]), ("free", ["--hard-labels"])]
+# the paper's CIFAR-FS numbers (SPEC §4, Conv4 5-way), for the ranking beside ours
+PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
+GPU_ROUNDS = 30  # rounds timed by `bench.py gpu` (warm-up included)
+GPU_WARMUP = 5
+
+
+def load_results():
+    path = os.path.join(OUT, "results.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def save_results(results):
+    os.makedirs(OUT, exist_ok=True)
+    free.write_json_atomic(results, os.path.join(OUT, "results.json"))
+    with open(os.path.join(OUT, "results.md"), "w") as f:
+        f.write(report(results))
+
+
+# ------------------------------------------------------------------------ 1. recovery speed
+
+
+def student_accuracy(x, teacher_logits, x_real, y_real, ds, seed):
+    """The sharp yardstick: a fresh Conv4 (fixed init) distilled from the recovered images only,
+    then measured on the teacher's real images."""
+    torch.manual_seed(seed)
+    student = Conv4(teacher_logits.shape[1], ds.channels, ds.image_size, ds.mean, ds.std, track_running_stats=False)
+    opt = torch.optim.Adam(student.parameters(), lr=STUDENT_LR)
+    for _ in range(STUDENT_STEPS):
+        opt.zero_grad()
+        maml.kd_loss(student(x), teacher_logits).backward()
+        opt.step()
+    with torch.no_grad():
+        return maml.accuracy(student(x_real), y_real).item()
+
+
+def trace_recovery(G, teacher, cfg, steps, ds, real, checkpoints=()):
+    """Recover with `steps` Adam steps from generator G, recording after every step the elapsed
+    recovery time and the teacher's accuracy on G(Z), and at `checkpoints` the student yardstick."""
+    trace, t0, traced = [], time.perf_counter(), [0.0]
+    flip = ds.channels == 3
+
+    def after_step(step, G_, Z):
+        t_cb = time.perf_counter()
+        with torch.no_grad():
+            x = G_(Z)
+            logits = teacher(x)
+        row = {"step": step, "seconds": t_cb - t0 - traced[0],
+               "teacher_acc": (logits.argmax(1) == recover.labels_Y(cfg.way, cfg.n_per_class, x.device)).float().mean().item()}
+        if step in checkpoints:
+            row["student_acc"] = student_accuracy(x, logits, *real, ds, seed=step)
+        trace.append(row)
+        traced[0] += time.perf_counter() - t_cb
+
+    r = recover.recover_task(G, teacher, cfg.way, steps, cfg.n_per_class, cfg.gen_lr, flip=flip, meta_grad=False,
+                             after_step=after_step)
+    final = {"steps": steps, "seconds": r.seconds, "teacher_acc": r.teacher_acc,
+             "student_acc": student_accuracy(r.x, r.teacher_logits, *real, ds, seed=0)}
+    return final, trace
+
+
+def bench_recovery(args):
+    cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
+                           "--n-teachers", str(META_TEACHERS + UNSEEN_TEACHERS), "--out", os.path.join(OUT, "tmp")])
+    ds = load_dataset("omniglot", args.data_root)
+    teachers = free.load_teachers(cfg, ds, torch.device("cpu"), print)
+    seen, unseen = teachers[:META_TEACHERS], teachers[META_TEACHERS:]
+    free.set_seed(cfg.seed)
+    meta = recover.MetaGenerator(Generator(ds.image_size, ds.channels, nf=cfg.nf), cfg.gen_lr)
+    init_state = {k: v.clone() for k, v in meta.G.state_dict().items()}
+    t0 = time.perf_counter()
+    for rnd in range(META_ROUNDS):
+        idx = torch.randperm(len(seen))[:cfg.B].tolist()
+        tasks = [recover.recover_task(meta.G, seen[i].model, cfg.way, cfg.k, cfg.n_per_class, cfg.gen_lr, flip=False)
+                 for i in idx]
+        meta.meta_update([t.meta_grad for t in tasks])
+        if (rnd + 1) % 10 == 0:
+            print(f"meta-generator round {rnd + 1}/{META_ROUNDS}: teacher acc on recovered "
+                  f"{sum(t.teacher_acc for t in tasks) / len(tasks):.3f}, {time.perf_counter() - t0:.0f}s", flush=True)
+    rows = []
+    for t in unseen:
+        train = ds.splits["train"]
+        mask = torch.isin(train.labels, torch.tensor(t.classes))
+        x_real = train.images[mask].float() / 255
+        y_real = torch.tensor([t.classes.index(c) for c in train.labels[mask].tolist()])
+        real = (x_real, y_real)
+        torch.manual_seed(100 + t.index)
+        meta5, _ = trace_recovery(meta.G, t.model, cfg, cfg.k, ds, real)
+        meta0, _ = trace_recovery(meta.G, t.model, cfg, 0, ds, real)
+        fresh = Generator(ds.image_size, ds.channels, nf=cfg.nf)
+        fresh.load_state_dict(init_state)  # theta_G before meta-training: the same initial weights
+        torch.manual_seed(100 + t.index)
+        scratch, trace = trace_recovery(fresh, t.model, cfg, SCRATCH_BUDGET, ds, real, CHECKPOINTS)
+        match_t = next((r for r in trace if r["teacher_acc"] >= meta5["teacher_acc"]), None)
+        match_s = next((r for r in trace if "student_acc" in r and r["student_acc"] >= meta5["student_acc"]), None)
+        at = {r["step"]: r for r in trace}
+        row = {"teacher": t.index, "meta_k5": meta5, "meta_k0": meta0,
+               "scratch": {str(s): at[s] for s in CHECKPOINTS},
+               "match_teacher_acc": match_t, "match_student_acc": match_s}
+        rows.append(row)
+        print(f"unseen teacher {t.index}: meta k=5 {meta5['seconds']:.2f}s teacher {meta5['teacher_acc']:.3f} "
+              f"student {meta5['student_acc']:.3f} | scratch 200 {at[200]['seconds']:.1f}s teacher "
+              f"{at[200]['teacher_acc']:.3f} student {at[200]['student_acc']:.3f} | match(teacher) "
+              f"{match_t['step'] if match_t else '>' + str(SCRATCH_BUDGET)} match(student) "
+              f"{match_s['step'] if match_s else '>' + str(SCRATCH_BUDGET)}", flush=True)
+    results = load_results()
+    results["recovery"] = {"rows": rows, "meta_rounds": META_ROUNDS, "meta_teachers": META_TEACHERS,
+                           "nf": cfg.nf, "k": cfg.k, "images": cfg.way * cfg.n_per_class,
+                           "scratch_budget": SCRATCH_BUDGET, "student_steps": STUDENT_STEPS,
+                           "meta_training_seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()}
+    save_results(results)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def recovery_md(rec):
+    rows = rec["rows"]
+    med = lambda f: median([f(r) for r in rows])
+    lines = [f"### Recovery speed (Omniglot, {len(rows)} teachers the meta-generator never saw; medians)", "",
+             f"Meta-generator meta-trained for {rec['meta_rounds']} rounds on {rec['meta_teachers']} other teachers "
+             f"(nf = {rec['nf']}, {rec['images']} images a task). Student = fresh Conv4 distilled from the recovered "
+             f"images alone ({rec['student_steps']} Adam steps), measured on the teacher's real images.", "",
+             "| recovery | time (s) | teacher acc. on recovered | student acc. on real images |",
+             "|---|---|---|---|"]
+    for name, f in [(f"meta-generator, k = {rec['k']}", lambda r: r["meta_k5"]),
+                    ("meta-generator, k = 0", lambda r: r["meta_k0"])] + \
+                   [(f"from scratch, {s} steps", (lambda s: lambda r: r["scratch"][str(s)])(s)) for s in CHECKPOINTS]:
+        lines.append(f"| {name} | {med(lambda r: f(r)['seconds']):.2f} | {100 * med(lambda r: f(r)['teacher_acc']):.1f}% "
+                     f"| {100 * med(lambda r: f(r)['student_acc']):.1f}% |")
+    lines.append("")
+    for key, what in [("match_teacher_acc", "teacher accuracy on recovered images"),
+                      ("match_student_acc", "student accuracy on real images")]:
+        matched = [r for r in rows if r[key]]
+        ratios = [r[key]["seconds"] / r["meta_k5"]["seconds"] for r in matched]
+        lost = len(rows) - len(matched)
+        text = (f"from scratch matched it in a median of {median([r[key]['step'] for r in matched]):.0f} steps on "
+                f"{len(matched)}/{len(rows)} teachers; time ratio at equal quality: median {median(ratios):.1f}x"
+                if matched else "from scratch never matched it")
+        if lost:
+            text += f"; on {lost} teacher(s) it did not match within {rec['scratch_budget']} steps " \
+                    f"(> {median([r['scratch'][str(rec['scratch_budget'])]['seconds'] / r['meta_k5']['seconds'] for r in rows if not r[key]]):.0f}x)"
+        lines.append(f"- Equal {what} to the meta-generator's k = {rec['k']}: {text}.")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ 2. accuracy
+
+
+def run_name(method, flags, shots):
+    return "-".join([f"omniglot-{shots}shot", method] + [f.lstrip("-") for f in flags])
+
+
+def run_one(method, flags, shots, args, threads=-1):
+    """One free.py run (subprocess); cached: a finished run is read back, an interrupted one resumed."""
+    out = os.path.join(OUT, "runs", run_name(method, flags, shots))
+    res_path = os.path.join(out, "results.json")
+    if os.path.exists(res_path):
+        return json.load(open(res_path)), "cached"
+    cmd = [sys.executable, "free.py", "--dataset", "omniglot", "--data-root", args.data_root, "--preset", "quick",
+           "--shots", str(shots), "--method", method, *flags, "--out", out, "--device", "cpu"]
+    if os.path.exists(os.path.join(out, "last.pt")):
+        cmd.append("--resume")
+    threads = args.threads if threads == -1 else threads
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "stdout.txt"), "a") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
+    return json.load(open(res_path)), "ran"
+
+
+def bench_accuracy(args):
+    # build the zoo once before starting parallel runs
+    cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root])
+    free.load_teachers(cfg, load_dataset("omniglot", args.data_root), torch.device("cpu"), print)
+    jobs = [(m, f, s) for s in args.shots for m, f in RUNS]
+    results = load_results()
+    acc = results.setdefault("accuracy", {})
+    # the first run (FREE, 1-shot) goes alone with every thread: its wall time is the quick preset's time
+    res, how = run_one(*jobs[0], args, threads=None)
+    acc[run_name(*jobs[0])] = res
+    results["quick_preset"] = {"run": run_name(*jobs[0]), "wall_seconds": res["wall_seconds"],
+                               "threads": torch.get_num_threads(), "how": how}
+    print(f"{run_name(*jobs[0])}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s ({how})")
+    save_results(results)
+    jobs = jobs[1:]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_one, m, f, s, args): (m, f, s) for m, f, s in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            m, f, s = futures[fut]
+            res, how = fut.result()
+            acc[run_name(m, f, s)] = res
+            print(f"{run_name(m, f, s)}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  "
+                  f"{res['wall_seconds']:.0f}s  ({how})", flush=True)
+            save_results(results)
+    results["accuracy_meta"] = {"jobs": args.jobs, "threads_per_job": args.threads}
+    save_results(results)
+
+
+def accuracy_md(acc, meta):
+    lines = ["### Accuracy (Omniglot, Conv4, 5-way, 600 fixed test tasks, quick preset)", "",
+             f"{meta.get('jobs', 1)} runs at a time, {meta.get('threads_per_job', '?')} torch thread(s) each, on this "
+             "2-core machine.", "",
+             "| method | 1-shot | 5-shot | wall s (1/5-shot) | peak MB | paper, CIFAR-FS (1/5-shot) |",
+             "|---|---|---|---|---|---|"]
+    for m, flags in RUNS:
+        label = " ".join([m] + flags)
+        cells, walls, mem = [], [], []
+        for s in (1, 5):
+            r = acc.get(run_name(m, flags, s))
+            cells.append(f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f}" if r else "–")
+            walls.append(f"{r['wall_seconds']:.0f}" if r else "–")
+            mem.append(r.get("peak_memory_mb", float("nan")) if r else float("nan"))
+        paper = PAPER_CIFARFS.get(label)
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {' / '.join(walls)} | {max(mem):.0f} | "
+                     f"{f'{paper[0]} / {paper[1]}' if paper else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ 3. GPU timing
+
+
+def bench_gpu(args):
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu needs a CUDA device; none is available here")
+    out = os.path.join(OUT, "runs", "gpu-paper-synthetic")
+    cmd = [sys.executable, "free.py", "--dataset", "synthetic", "--preset", "paper", "--rounds", str(GPU_ROUNDS),
+           "--warmup", str(GPU_WARMUP), "--eval-every", str(GPU_ROUNDS), "--out", out, "--device", "cuda"]
+    if os.path.exists(os.path.join(out, "results.json")):
+        res = json.load(open(os.path.join(out, "results.json")))
+    else:
+        subprocess.run(cmd, check=True)
+        res = json.load(open(os.path.join(out, "results.json")))
+    paper = free.Config()
+    projected = paper.warmup * res["seconds_per_warmup_round"] + (paper.rounds - paper.warmup) * res["seconds_per_round"]
+    results = load_results()
+    results["gpu"] = {"card": torch.cuda.get_device_name(0), "seconds_per_round": res["seconds_per_round"],
+                      "seconds_per_warmup_round": res["seconds_per_warmup_round"],
+                      "projected_1000_rounds_minutes": projected / 60, "command": " ".join(cmd[1:])}
+    save_results(results)
+
+
+def gpu_md(g):
+    return (f"### GPU ({g['card']})\n\nPaper preset on CIFAR-shaped synthetic data (32x32x3, 100 teachers): "
+            f"{g['seconds_per_round']:.2f} s per round ({g['seconds_per_warmup_round']:.2f} s per warm-up round); "
+            f"projected 1000 rounds: {g['projected_1000_rounds_minutes']:.1f} min. Command: `{g['command']}`.\n")
+
+
+def report(results):
+    parts = ["<!-- written by bench.py; do not edit by hand -->\n"]
+    if "recovery" in results:
+        parts.append(recovery_md(results["recovery"]))
+    if "accuracy" in results:
+        parts.append(accuracy_md(results["accuracy"], results.get("accuracy_meta", {})))
+    if "gpu" in results:
+        parts.append(gpu_md(results["gpu"]))
+    return "\n".join(parts)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=("recovery", "accuracy", "gpu", "report"))
+    p.add_argument("--data-root", default=OMNIGLOT_ROOT, help="folder holding the Omniglot zip")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
+    p.add_argument("--jobs", type=int, default=2, help="free.py runs at a time (accuracy)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (accuracy)")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    {"recovery": bench_recovery, "accuracy": bench_accuracy, "gpu": bench_gpu,
+     "report": lambda a: save_results(load_results())}[args.what](args)
+    print(f"bench.py {args.what}: {time.perf_counter() - t0:.0f}s; see {OUT}/results.md")
+
+
+if __name__ == "__main__":
+    main()
