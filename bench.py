@@ -14,6 +14,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,11 +53,25 @@ def load_results():
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
+README_MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")  # README.md includes results.md here
+
+
 def save_results(results):
+    """bench/results.json, bench/results.md, and the copy of results.md inside README.md."""
     os.makedirs(OUT, exist_ok=True)
     free.write_json_atomic(results, os.path.join(OUT, "results.json"))
+    md = report(results)
     with open(os.path.join(OUT, "results.md"), "w") as f:
-        f.write(report(results))
+        f.write(md)
+    if os.path.exists("README.md"):
+        text = open("README.md").read()
+        start, end = README_MARKERS
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = head + start + "\n" + md + end + rest.split(end, 1)[1]
+            with open("README.md.tmp", "w") as f:
+                f.write(text)
+            os.replace("README.md.tmp", "README.md")
 
 
 # ------------------------------------------------------------------------ 1. recovery speed
@@ -237,6 +252,9 @@ def bench_accuracy(args):
                   f"{res['wall_seconds']:.0f}s  ({how})", flush=True)
             save_results(results)
     results["accuracy_meta"] = {"jobs": args.jobs, "threads_per_job": args.threads}
+    grid = os.path.join(OUT, "runs", results["quick_preset"]["run"], "recovered.png")
+    if os.path.exists(grid):  # the README shows the recovered images of the quick FREE run
+        shutil.copyfile(grid, os.path.join(OUT, "recovered.png"))
     save_results(results)
 
 
@@ -295,6 +313,10 @@ def report(results):
         parts.append(recovery_md(results["recovery"]))
     if "accuracy" in results:
         parts.append(accuracy_md(results["accuracy"], results.get("accuracy_meta", {})))
+    if "quick_preset" in results:
+        q = results["quick_preset"]
+        parts.append(f"Quick preset, FREE 5-way 1-shot on Omniglot, alone on this 2-core CPU ({q['threads']} torch "
+                     f"threads, teacher zoo already cached): {q['wall_seconds']:.0f} s wall ({q['run']}).\n")
     if "gpu" in results:
         parts.append(gpu_md(results["gpu"]))
     return "\n".join(parts)

@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import random
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+from free import pick_device, set_seed
 from zoo import ZooSettings, build_zoo
 
 FEATURE_BATCH = 256  # images per forward pass when extracting probe features (memory only)
@@ -42,13 +42,14 @@ OTHER_DATASETS = ("cifarfs", "miniimagenet", "cub")  # panel (b) extras, used wh
 ARCHS_C = ("conv4", "resnet10", "resnet18")  # panel (c) architectures (SPEC §2 "Architectures")
 WAY = 5  # N-way teachers (SPEC §1: 5-way by default)
 # per preset (ours): teachers per panel, probe images, zoo epochs (None: ZooSettings default, 60)
-PRESETS = {"paper": dict(teachers=12, probe=500, epochs=None),
-           "quick": dict(teachers=6, probe=200, epochs=20),
-           "smoke": dict(teachers=3, probe=64, epochs=2)}
+# (quick: batch 16 gives the ResNet teachers of panel (c) enough SGD steps on Omniglot's 80 images)
+PRESETS = {"paper": dict(teachers=12, probe=500, epochs=None, batch=None),
+           "quick": dict(teachers=6, probe=200, epochs=40, batch=16),
+           "smoke": dict(teachers=3, probe=64, epochs=2, batch=32)}
 
 
 def center_columns(X):
-    """X_c = H X with H = I - 11^T / n: subtract each column's mean over the n inputs."""
+    """Centring of linear CKA (Kornblith et al. 2019): X_c = H X with H = I - 11^T / n: subtract each column's mean over the n inputs."""
     return X - X.mean(dim=0, keepdim=True)
 
 
@@ -110,7 +111,7 @@ def model_features(model, probe, batch_size=FEATURE_BATCH, device="cpu"):
 
 
 def cka_matrix(models, probe, batch_size=FEATURE_BATCH, device="cpu"):
-    """numpy [m, m]: entry (i, j) = linear_cka(features_i(probe), features_j(probe)), features
+    """Supplement Figure 1: numpy [m, m]: entry (i, j) = linear_cka(features_i(probe), features_j(probe)), features
     from `model.features` in eval mode without gradients (see model_features)."""
     feats = [model_features(m, probe, batch_size, device) for m in models]
     m = len(feats)
@@ -138,7 +139,7 @@ def heatmap_size(m, title=""):
 
 
 def write_heatmap_png(matrix, labels, path, title=""):
-    """Draw matrix [m, m] (values in [0, 1]) as a heatmap PNG with row/column labels and a
+    """Supplement Figure 1 as PNG: draw matrix [m, m] (values in [0, 1]) as a heatmap PNG with row/column labels and a
     colour scale from 0 to 1; returns the image size."""
     m = len(labels)
     if np.shape(matrix) != (m, m):
@@ -167,7 +168,7 @@ def write_heatmap_png(matrix, labels, path, title=""):
 
 
 def text_heatmap(matrix, labels):
-    """Shaded text rendering: one row per label, two characters per cell from SHADES."""
+    """Supplement Figure 1 in the terminal. Shaded text rendering: one row per label, two characters per cell from SHADES."""
     width = max(len(s) for s in labels)
     lines = [" " * width + " |" + "".join(f"{j % 100:>2d}" for j in range(len(labels)))]
     for i, label in enumerate(labels):
@@ -199,21 +200,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cache", default="cache", help="zoo cache root (zoo.py adds zoo/<name>/)")
     return p.parse_args(argv)
-
-
-def pick_device(name):
-    """'auto' -> cuda if available, else cpu."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use auto/cpu")
-    return name
-
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def make_probe(dataset, n, seed):
@@ -305,8 +291,9 @@ def main(argv=None):
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     n = args.teachers or preset["teachers"]
-    device = pick_device(args.device)
-    settings = ZooSettings() if preset["epochs"] is None else ZooSettings(epochs=preset["epochs"])
+    device = str(pick_device(args.device))
+    settings = ZooSettings() if preset["epochs"] is None else ZooSettings(epochs=preset["epochs"],
+                                                                          batch_size=preset["batch"])
     config = dict(vars(args), teachers_per_panel=n, probe=preset["probe"], zoo=asdict(settings))
     print(f"device {device}\nconfig {json.dumps(config)}")
     set_seed(args.seed)

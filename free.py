@@ -40,6 +40,8 @@ TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and see
 VAL_TASK_SEED = 1234  # the meta-validation task seed (same val tasks at every evaluation)
 PROJECTION_ROUNDS = 3  # after this many post-warm-up rounds on the CPU, print the projected time
 GRID_PER_CLASS = 8  # recovered.png: images per class shown (recovered, then real)
+GRID_PAD = 2  # recovered.png: pixels between images
+EVAL_CHUNK = 50  # meta-test tasks evaluated at once (memory only; no effect on the results)
 
 
 @dataclass
@@ -99,7 +101,7 @@ PRESETS = {
     "quick": dict(n_teachers=40, zoo_epochs=20, zoo_batch=32, rounds=60, warmup=5, nf=32, replay_patience=10,
                   max_replay=4, eval_every=20, val_tasks=100, save_every=10, recover_steps=20),
     # seconds, for CI and tests
-    "smoke": dict(n_teachers=3, zoo_epochs=2, zoo_batch=32, rounds=3, warmup=1, B=2, k=2, nf=8, meta_batch=2,
+    "smoke": dict(n_teachers=3, zoo_epochs=2, zoo_batch=32, rounds=3, warmup=1, B=2, nf=8, meta_batch=2,
                   max_replay=1, eval_every=2, val_tasks=6, test_tasks=10, save_every=1,
                   recover_steps=3, train_inner_steps=1, test_inner_steps=2),
 }
@@ -112,14 +114,14 @@ NOT_IDENTITY = ("out", "resume", "device", "data_root", "mirror", "cache", "roun
 
 def parse_args(argv=None):
     """Build argparse from Config; the preset fills counts the user did not set."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     choices = dict(dataset=DATASETS, method=METHODS, teacher_arch=ARCHS + ("mix",),
                    preset=tuple(PRESETS), device=("auto", "cpu", "cuda"), shots=(1, 5))
     comments = field_comments()
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{comments.get(f.name, '')} (default: {f.default})"
+        by_preset = "".join(f"; {name}: {over[f.name]}" for name, over in PRESETS.items() if f.name in over)
+        help_ = f"{comments.get(f.name, '')} (default: {f.default}{by_preset})"
         if f.type is bool:
             p.add_argument(flag, action="store_true", help=help_)
             continue
@@ -202,7 +204,7 @@ def save_grid(path, rows):
     from PIL import Image
     n = max(len(r) for r in rows)
     C, H, W = rows[0][0].shape
-    pad = 2
+    pad = GRID_PAD
     canvas = torch.ones(3, len(rows) * (H + pad) + pad, n * (W + pad) + pad)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
@@ -215,7 +217,7 @@ def save_grid(path, rows):
 # ------------------------------------------------------------------------ evaluation
 
 
-def evaluate(cfg, model, params, split, n_tasks, seed, device, classes=None, chunk=50):
+def evaluate(cfg, model, params, split, n_tasks, seed, device, classes=None, chunk=EVAL_CHUNK):
     """Mean accuracy and 95% CI over n_tasks tasks of `split` sampled with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
     vectorize = device.type == "cuda"  # on the CPU the per-task loop is faster (README "Speed")
@@ -229,16 +231,18 @@ def evaluate(cfg, model, params, split, n_tasks, seed, device, classes=None, chu
 
 
 def meta_test(cfg, ds, model, params, device):
-    """The single meta-test: 600 tasks (per domain for `mix`) from TEST_TASK_SEED."""
+    """The single meta-test: test_tasks tasks from TEST_TASK_SEED, or that many per domain when the
+    test classes span several domains (`mix`: 3 x 600); then the mean over domains is reported."""
     split = ds.splits["test"]
-    if ds.name != "mix":
+    domains = sorted({ds.domain_of_class[c] for c in split.classes})
+    if len(domains) == 1:
         return {"test_acc": evaluate(cfg, model, params, split, cfg.test_tasks, TEST_TASK_SEED, device)}
     out = {}
-    for d in sorted(set(ds.domain_of_class)):
+    for d in domains:
         classes = [c for c in split.classes if ds.domain_of_class[c] == d]
         out[d] = evaluate(cfg, model, params, split, cfg.test_tasks, TEST_TASK_SEED, device, classes)
     mean = sum(v[0] for v in out.values()) / len(out)
-    ci = math.sqrt(sum(v[1] ** 2 for v in out.values())) / len(out)
+    ci = math.sqrt(sum(v[1] ** 2 for v in out.values())) / len(out)  # CI of a mean of independent means
     return {"test_acc": (mean, ci), "per_domain": out}
 
 
@@ -310,6 +314,14 @@ class Trainer:
             torch.cuda.set_rng_state_all(s["cuda_rng"])
         self.best_val, self.best_state, self.stats = s["best_val"], s["best_state"], s["stats"]
 
+    def eta(self):
+        """Seconds left: remaining warm-up and training rounds at their mean times so far."""
+        cfg, st = self.cfg, self.stats
+        warm_done, train_done = min(self.round, cfg.warmup), max(0, self.round - cfg.warmup)
+        warm_s = st["warmup_seconds"] / max(1, warm_done)
+        train_s = st["train_seconds"] / train_done if train_done else warm_s
+        return (cfg.warmup - warm_done) * warm_s + (cfg.rounds - cfg.warmup - train_done) * train_s
+
     # ---- one round
     def recover(self, teachers, warm):
         """FIVE: recover one task per teacher (k steps from theta_G, or from scratch), then
@@ -377,8 +389,7 @@ class Trainer:
             if warm:
                 return row
             for r, t in zip(tasks, chosen):  # every recovered task; authors' code stores only the last
-                keep = recover.teacher_agrees(r)  # a selection that selects; the authors' never does
-                self.bank.add(r.x[keep], r.y[keep], t.classes)
+                self.bank.add(r.x, r.y, t.classes)
             kd_tasks = [(r.x, r.y, r.teacher_logits) for r in tasks]
             g, kd = maml.align_meta_gradient(self.model, maml.detached_params(self.model), kd_tasks, cfg.alpha,
                                              cfg.tau, cfg.hard_labels, align=not cfg.no_align)
@@ -458,7 +469,7 @@ def main(argv=None):
     trainer = Trainer(cfg, ds, teachers, device, log)
     last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
     if cfg.resume:
-        trainer.load_state_dict(torch.load(last_path, weights_only=True, map_location=device))
+        trainer.load_state_dict(torch.load(last_path, weights_only=True, map_location="cpu"))  # modules copy to device
         log(f"resumed from {last_path} at round {trainer.round}")
     if cfg.method == "average":
         average_teachers(trainer.model, teachers)
@@ -474,20 +485,19 @@ def main(argv=None):
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
-        t_loop, start_round = time.perf_counter(), trainer.round
+        t_loop = time.perf_counter()
         while trains and trainer.round < cfg.rounds:
             t_round = time.perf_counter()
             row = trainer.step()
             trainer.stats["warmup_seconds" if row["phase"] == "warm-up" else "train_seconds"] += \
                 time.perf_counter() - t_round
             trainer.round += 1
-            elapsed = time.perf_counter() - t_loop
-            eta = elapsed / (trainer.round - start_round) * (cfg.rounds - trainer.round)
-            log(format_row(row, elapsed, eta))
+            eta = trainer.eta()
+            log(format_row(row, time.perf_counter() - t_loop, eta))
             if (device.type == "cpu" and cfg.preset == "paper"
                     and trainer.round == min(cfg.rounds, cfg.warmup + PROJECTION_ROUNDS)):
-                log(f"projected time on this CPU for {cfg.rounds} rounds: {eta / 3600:.1f} h more "
-                    f"(try --preset quick for a few minutes' run)")
+                log(f"projected time on this CPU for the remaining {cfg.rounds - trainer.round} rounds: "
+                    f"{eta / 3600:.1f} h (try --preset quick for a run of minutes)")
             validated = trainer.round % cfg.eval_every == 0 or trainer.round == cfg.rounds
             if validated and trainer.round > cfg.warmup:
                 acc, ci = evaluate(cfg, trainer.model, maml.detached_params(trainer.model), ds.splits["val"],
@@ -515,7 +525,7 @@ def main(argv=None):
         save_atomic({"model": model.state_dict(), "arch": model.arch, "config": dataclasses.asdict(cfg)}, best_path)
     test = meta_test(cfg, ds, model, maml.detached_params(model), device)
     acc, ci = test["test_acc"]
-    log(f"meta-test ({cfg.test_tasks} tasks{' per domain' if ds.name == 'mix' else ''}, seed {TEST_TASK_SEED}): "
+    log(f"meta-test ({cfg.test_tasks} tasks{' per domain' if 'per_domain' in test else ''}, seed {TEST_TASK_SEED}): "
         f"{acc:.2f} ± {ci:.2f}")
     for d, (a, c) in test.get("per_domain", {}).items():
         log(f"  {d}: {a:.2f} ± {c:.2f}")

@@ -27,12 +27,13 @@ CI_Z = 1.96  # z-value of a two-sided 95% confidence interval
 
 
 def accuracy(logits, y):
-    """Fraction of rows whose argmax equals the label."""
+    """Fraction of rows whose argmax equals the label (MAML train accuracy, meta-test accuracy)."""
     return (logits.argmax(dim=-1) == y).float().mean()
 
 
 def detached_params(model):
-    """theta as a fresh leaf dict {name: tensor}, for evaluation or cloning."""
+    """theta as a detached dict {name: tensor}: the clone theta_tilde = theta of Eq. (3), or frozen
+    meta-learner weights for L_adv of Eq. (1) and for the meta-test."""
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
@@ -143,7 +144,7 @@ def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=
 
 
 def apply_meta_gradient(model, optimizer, meta_grad):
-    """One outer-optimiser step on theta with a given meta-gradient dict."""
+    """The outer step of Eq. (3): the outer Adam takes (theta - theta_tilde) * reptile_scale as theta's gradient."""
     optimizer.zero_grad(set_to_none=True)
     for name, p in model.named_parameters():
         p.grad = meta_grad[name].clone()
@@ -151,14 +152,14 @@ def apply_meta_gradient(model, optimizer, meta_grad):
 
 
 def adapt_and_score(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, lr=INNER_LR):
-    """Meta-test on one task: adapt `steps` SGD steps on the support set, return query accuracy."""
+    """Meta-test protocol (SPEC §2) on one task: adapt `steps` SGD steps on the support set, return query accuracy."""
     adapted = inner_adapt(model, params, x_s, y_s, steps, lr, first_order=True)
     return accuracy(functional_call(model, adapted, (x_q,)), y_q)
 
 
 def meta_test(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, lr=INNER_LR,
               vectorize=True):
-    """Query accuracy of each task in a chunk [T, ...] after test-time adaptation; returns [T]."""
+    """Meta-test protocol (SPEC §2): query accuracy of each task in a chunk [T, ...] after test-time adaptation; returns [T]."""
     params = {k: v.detach() for k, v in params.items()}
 
     def task(xs, ys, xq, yq):

@@ -28,7 +28,7 @@ LEAKY_SLOPE = 0.2  # LeakyReLU slope (supplement Table 1)
 
 
 class Normalize(nn.Module):
-    """x -> (x - mean) / std, per channel, with mean and std held as buffers."""
+    """x -> (x - mean) / std, per channel: the teacher's input normalisation inside A(.) of Eq. (1)."""
 
     def __init__(self, mean, std):
         super().__init__()
@@ -65,7 +65,7 @@ class BatchStatNorm2d(nn.Module):
 
 
 def conv_block(c_in, c_out, track_running_stats):
-    """One Conv4 block: Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool 2x2."""
+    """One Conv4 block (SPEC §2 "Architectures"): Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool 2x2."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1),
         nn.BatchNorm2d(c_out) if track_running_stats else BatchStatNorm2d(c_out),
@@ -103,7 +103,7 @@ class Conv4(nn.Module):
         self.head = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, x):
-        """Penultimate features, [B, hidden * s' * s'] (used by linear CKA)."""
+        """Penultimate features, [B, hidden * s' * s'] (linear CKA, supplement Figure 1)."""
         return self.blocks(self.normalize(x)).flatten(1)
 
     def forward(self, x):
@@ -111,7 +111,7 @@ class Conv4(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 convs with BN, identity or 1x1-conv shortcut."""
+    """ResNet basic block (SPEC §2 "Architectures"): two 3x3 convs with BN, identity or 1x1-conv shortcut."""
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
@@ -156,7 +156,7 @@ class ResNet(nn.Module):
         self.head = nn.Linear(c_in, num_classes)
 
     def features(self, x):
-        """Penultimate features after global average pooling, [B, 512]."""
+        """Penultimate features after global average pooling, [B, 512] (linear CKA, supplement Figure 1)."""
         return self.layers(self.stem(self.normalize(x))).mean(dim=(2, 3))
 
     def forward(self, x):
@@ -164,10 +164,12 @@ class ResNet(nn.Module):
 
 
 def ResNet10(**kwargs):
+    """Few-shot ResNet-10, [1, 1, 1, 1] basic blocks (SPEC §2, multi-architecture zoo)."""
     return ResNet("resnet10", **kwargs)
 
 
 def ResNet18(**kwargs):
+    """Few-shot ResNet-18, [2, 2, 2, 2] basic blocks (SPEC §2, multi-architecture zoo)."""
     return ResNet("resnet18", **kwargs)
 
 
@@ -175,7 +177,7 @@ ARCHS = ("conv4", "resnet10", "resnet18")
 
 
 def build_model(arch, **kwargs):
-    """Build a classifier by name: 'conv4', 'resnet10' or 'resnet18'."""
+    """Build a classifier by name: 'conv4', 'resnet10' or 'resnet18' (SPEC §2 "Architectures")."""
     if arch == "conv4":
         return Conv4(**kwargs)
     if arch in RESNET_BLOCKS:

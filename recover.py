@@ -9,8 +9,9 @@ Differences from the authors' code:
 - all B recovered tasks of a round enter the memory bank (theirs stores only the last teacher's);
 - L_adv is a true KL on log-probabilities (theirs feeds probabilities to F.kl_div);
 - recovered images stay in memory as uint8 tensors (theirs writes PNGs; the quantisation is the same);
-- images enter the memory bank only where the teacher agrees with their label (theirs has a "best
-  image" selection that never selects).
+- no "best image" selection (theirs has one that never selects): every recovered image is kept, as
+  SPEC §2 describes the memory bank (a working teacher-agreement filter lowered the accuracy of the
+  quick Omniglot 1-shot run in our one comparison).
 """
 import copy
 import time
@@ -32,19 +33,20 @@ BANK_CAP = 400  # memory-bank FIFO cap per class: 20 batches of 20 images (SPEC 
 SCRATCH_STEPS = 200  # from-scratch inversion steps of BiDf-MKD, the speed-up baseline (SPEC §4)
 
 
-def augment(x, pad=AUG_PAD, flip=True):
+def augment(x, pad=AUG_PAD, flip=True, generator=None):
     """A(.) of Eq. (1), differentiable: random crop of each image after zero-padding by `pad`,
-    then a random horizontal flip (if `flip`). x [B, C, H, W] -> [B, C, H, W]."""
+    then a random horizontal flip (if `flip`). x [B, C, H, W] -> [B, C, H, W]. Random draws come
+    from `generator` (a CPU torch.Generator) or the global CPU RNG. zoo.py trains teachers with it."""
     B, C, H, W = x.shape
     padded = F.pad(x, [pad, pad, pad, pad])  # [B, C, H+2p, W+2p]
-    di = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
-    dj = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
+    di = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
+    dj = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
     rows = (di[:, None] + torch.arange(H, device=x.device))[:, :, None]  # [B, H, 1]
     cols = (dj[:, None] + torch.arange(W, device=x.device))[:, None, :]  # [B, 1, W]
     b = torch.arange(B, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)  # [B, C, H, W]
     if flip:
-        mirror = torch.rand(B, device=x.device) < 0.5
+        mirror = (torch.rand(B, generator=generator) < 0.5).to(x.device)
         out = torch.where(mirror[:, None, None, None], out.flip(3), out)
     return out
 
@@ -77,6 +79,8 @@ def inversion_loss(teacher, x, y, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_P
 
 @dataclass
 class RecoveredTask:
+    """One recovered task T_i of FIVE: the output of Eq. (1)'s k-step minimisation."""
+
     x: torch.Tensor  # [way * n, C, H, W] recovered images in [0, 1]
     y: torch.Tensor  # [way * n] the teacher's local labels Y
     teacher_logits: torch.Tensor  # [way * n, way] M_i(x), soft labels for KD
@@ -86,7 +90,7 @@ class RecoveredTask:
 
 
 def labels_Y(way, n_per_class, device):
-    """Y: n_per_class rows per class, [way * n_per_class] = [0,...,0, 1,...,1, ...]."""
+    """Y of Eq. (1): n_per_class rows per class, [way * n_per_class] = [0,...,0, 1,...,1, ...]."""
     return torch.arange(way, device=device).repeat_interleave(n_per_class)
 
 
@@ -147,7 +151,8 @@ class MetaGenerator:
         self.opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
 
     def meta_update(self, meta_grads):
-        """theta_G <- Adam(theta_G, (1/B) sum_i grad L_G(T_i; theta_G'_i))."""
+        """Meta-update of FIVE (first-order MAML over the B teachers of a round, Eq. (1) losses):
+        theta_G <- Adam(theta_G, (1/B) sum_i grad L_G(T_i; theta_G'_i))."""
         self.opt.zero_grad(set_to_none=True)
         for j, p in enumerate(self.G.parameters()):
             p.grad = torch.stack([g[j] for g in meta_grads]).mean(0)
@@ -161,20 +166,13 @@ class MetaGenerator:
         self.opt.load_state_dict(state["opt"])
 
 
-def teacher_agrees(task):
-    """Mask of the recovered images that the teacher assigns to their label Y: argmax M_i(x) = Y.
-    Only these enter the memory bank (the authors' code has a "best image" selection that never
-    selects; this one does)."""
-    return task.teacher_logits.argmax(1) == task.y
-
-
 def to_uint8(x):
-    """[0, 1] float -> uint8 (the quantisation a PNG round trip would apply)."""
+    """[0, 1] float -> uint8 for the memory bank (SPEC §2; the quantisation a PNG round trip would apply)."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class MemoryBank:
-    """Recovered images keyed by global class id (from the teacher's label list), FIFO-capped per
+    """Memory bank of FIVE (SPEC §2): recovered images keyed by global class id (from the teacher's label list), FIFO-capped per
     class. Samples N-way K-shot Q-query tasks whose classes may come from different teachers
     (cross-task replay), relabelled 0..N-1."""
 
@@ -183,7 +181,7 @@ class MemoryBank:
         self.images = {}  # global class id -> uint8 [n <= cap, C, H, W], oldest first
 
     def add(self, x, y, classes):
-        """Store recovered images x [M, C, H, W] with local labels y under global ids classes[y]."""
+        """Memory bank (SPEC §2): store recovered images x [M, C, H, W] with local labels y under global ids classes[y]."""
         x = to_uint8(x.detach()).cpu()
         for local, cls in enumerate(classes):
             new = x[y.cpu() == local]
@@ -195,14 +193,15 @@ class MemoryBank:
         return sum(v.shape[0] for v in self.images.values())
 
     def classes(self, min_images=1):
+        """Global class ids holding at least `min_images` images (cross-task replay pool)."""
         return sorted(c for c, v in self.images.items() if v.shape[0] >= min_images)
 
     def can_sample(self, way, shot, query):
-        """Whether `way` classes hold at least shot + query images each."""
+        """Whether `way` classes hold at least shot + query images each (cross-task replay, SPEC §2)."""
         return len(self.classes(min_images=shot + query)) >= way
 
     def sample_tasks(self, n_tasks, way, shot, query, generator, device="cpu"):
-        """T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot], x_q [T, way*query, ...], y_q;
+        """Cross-task replay tasks (SPEC §2): T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot], x_q [T, way*query, ...], y_q;
         classes drawn without replacement from the whole bank, images without replacement within
         a class; labels relative, 0..way-1. Returns float images in [0, 1] on `device`."""
         pool = self.classes(min_images=shot + query)

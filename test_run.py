@@ -10,6 +10,7 @@ import torch
 
 import free
 import maml
+from data import load_dataset
 
 RESULT_KEYS = {"dataset", "way", "shots", "method", "ablations", "teacher_arch", "preset", "seed", "device",
                "rounds", "torch_version", "test_acc", "test_ci95", "best_val_acc", "recovery_seconds_total",
@@ -40,6 +41,8 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     model = free.Conv4(**best["arch"])
     model.load_state_dict(best["model"])
     assert json.load(open(tmp_path / "config.json"))["preset"] == "smoke"
+    if res["method"] in ("free", "maml"):  # MAML replay ran (from the memory bank, or real data for maml)
+        assert "replay_acc" in open(tmp_path / "log.txt").read()
     if res["method"] == "free":
         assert (tmp_path / "recovered.png").exists() and res["recovery_seconds_total"] > 0
         assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 3
@@ -101,3 +104,26 @@ def test_resume_refuses_a_different_configuration(tmp_path, cache):
     with pytest.raises(SystemExit, match="already holds a run"):
         run(tmp_path, cache)
     assert os.path.exists(tmp_path / "last.pt")
+
+
+def test_multi_domain_meta_test_reports_each_domain_and_their_mean(tmp_path, monkeypatch):
+    """With test classes from two domains, the meta-test runs test_tasks tasks per domain, each
+    from that domain's classes only, and reports their mean (the `mix` protocol: 3 x 600)."""
+    ds = load_dataset("synthetic", str(tmp_path), image_size=16)
+    ds.domain_of_class = ["a" if c % 2 else "b" for c in range(len(ds.class_names))]
+    cfg = free.parse_args(["--preset", "smoke", "--dataset", "synthetic"])
+    model = free.new_meta_learner(ds, cfg, torch.device("cpu"))
+    seen = []
+    sample = free.sample_tasks
+
+    def spy(split, n, way, shot, query, g, classes=None):
+        seen.append(classes)
+        return sample(split, n, way, shot, query, g, classes)
+
+    monkeypatch.setattr(free, "sample_tasks", spy)
+    test = free.meta_test(cfg, ds, model, maml.detached_params(model), torch.device("cpu"))
+    assert set(test["per_domain"]) == {"a", "b"}
+    assert sorted(len(c) for c in seen) == [5, 5] and {c[0] % 2 for c in seen} == {0, 1}
+    assert all(len({x % 2 for x in c}) == 1 for c in seen)  # each domain's tasks use its classes only
+    accs = [v[0] for v in test["per_domain"].values()]
+    assert test["test_acc"][0] == pytest.approx(sum(accs) / 2)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ARCHS, build_model
+from recover import augment
 
 ZOO_ARCHS = ARCHS + ("mix",)  # "mix": heterogeneous zoo, conv4/resnet10/resnet18 by i % 3
 MIX_DOMAINS = ("cifarfs", "miniimagenet", "cub")  # multi-domain zoo: domain of teacher i is i % 3
@@ -118,21 +119,6 @@ def teacher_data(split, classes, train_fraction, rng):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def augment(x, g):
-    """Random crop with zero padding CROP_PAD and random horizontal flip; x float [B, C, H, W]."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (CROP_PAD,) * 4)  # [B, C, H+2p, W+2p]
-    dy = torch.randint(0, 2 * CROP_PAD + 1, (b, 1, 1), generator=g).to(x.device)
-    dx = torch.randint(0, 2 * CROP_PAD + 1, (b, 1, 1), generator=g).to(x.device)
-    rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy).expand(b, h, w)
-    cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx).expand(b, h, w)
-    flat = padded.flatten(2)  # [B, C, (H+2p)(W+2p)]
-    where = (rows * padded.shape[-1] + cols).flatten(1).unsqueeze(1).expand(-1, x.shape[1], -1)
-    out = flat.gather(2, where).view_as(x)
-    flip = (torch.rand(b, generator=g) < 0.5).to(x.device).view(b, 1, 1, 1)
-    return torch.where(flip, out.flip(3), out)
-
-
 def make_optimizer(model, arch, settings):
     if arch == "conv4":
         return torch.optim.Adam(model.parameters(), lr=settings.conv4_lr)
@@ -171,7 +157,7 @@ def train_teacher(model, arch, data, settings, use_augment, g, device):
                 continue  # BatchNorm cannot train on a batch of one
             xb = x_tr[idx].float().div_(255)  # [B, C, H, W] in [0, 1]
             if use_augment:
-                xb = augment(xb, g)
+                xb = augment(xb, CROP_PAD, flip=True, generator=g)
             loss = F.cross_entropy(model(xb), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
