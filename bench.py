@@ -44,6 +44,7 @@ RUNS = [("free", []), ("random", []), ("average", []), ("maml", []), ("free", ["
         ("free", ["--no-align"]), ("free", ["--hard-labels"])]
 # the paper's CIFAR-FS numbers (SPEC §4, Conv4 5-way), for the ranking beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
+JOBS, THREADS = 2, 1  # accuracy runs at a time, torch threads per run (after the FREE 1-shot run, alone)
 GPU_ROUNDS = 30  # rounds timed by `bench.py gpu` (warm-up included)
 GPU_WARMUP = 5
 
@@ -234,6 +235,7 @@ def bench_accuracy(args):
     jobs = [(m, f, s) for s in args.shots for m, f in RUNS]
     results = load_results()
     acc = results.setdefault("accuracy", {})
+    results["accuracy_meta"] = {"jobs": args.jobs, "threads_per_job": args.threads}
     # the first run (FREE, 1-shot) goes alone with every thread: its wall time is the quick preset's time
     res, how = run_one(*jobs[0], args, threads=None)
     acc[run_name(*jobs[0])] = res
@@ -251,17 +253,23 @@ def bench_accuracy(args):
             print(f"{run_name(m, f, s)}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  "
                   f"{res['wall_seconds']:.0f}s  ({how})", flush=True)
             save_results(results)
-    results["accuracy_meta"] = {"jobs": args.jobs, "threads_per_job": args.threads}
-    grid = os.path.join(OUT, "runs", results["quick_preset"]["run"], "recovered.png")
-    if os.path.exists(grid):  # the README shows the recovered images of the quick FREE run
-        shutil.copyfile(grid, os.path.join(OUT, "recovered.png"))
+    copy_recovered_grid(results)
     save_results(results)
 
 
+def copy_recovered_grid(results):
+    """bench/recovered.png, shown in the README: the recovered images of the quick FREE 1-shot run."""
+    grid = os.path.join(OUT, "runs", results.get("quick_preset", {}).get("run", ""), "recovered.png")
+    if os.path.exists(grid):
+        shutil.copyfile(grid, os.path.join(OUT, "recovered.png"))
+
+
 def accuracy_md(acc, meta):
+    jobs, threads = meta.get("jobs", JOBS), meta.get("threads_per_job", THREADS)
     lines = ["### Accuracy (Omniglot, Conv4, 5-way, 600 fixed test tasks, quick preset)", "",
-             f"{meta.get('jobs', 1)} runs at a time, {meta.get('threads_per_job', '?')} torch thread(s) each, on this "
-             "2-core machine.", "",
+             f"FREE 1-shot ran alone with every thread (the quick preset's time); the other runs {jobs} at a time "
+             f"with {threads} torch thread(s) each, on this 2-core machine, so their wall times are not "
+             "comparable with it. '–': not run yet (`python bench.py accuracy` runs, or resumes, what is missing).", "",
              "| method | 1-shot | 5-shot | wall s (1/5-shot) | peak MB | paper, CIFAR-FS (1/5-shot) |",
              "|---|---|---|---|---|---|"]
     for m, flags in RUNS:
@@ -271,10 +279,22 @@ def accuracy_md(acc, meta):
             r = acc.get(run_name(m, flags, s))
             cells.append(f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f}" if r else "–")
             walls.append(f"{r['wall_seconds']:.0f}" if r else "–")
-            mem.append(r.get("peak_memory_mb", float("nan")) if r else float("nan"))
+            if r:
+                mem.append(r["peak_memory_mb"])
         paper = PAPER_CIFARFS.get(label)
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {' / '.join(walls)} | {max(mem):.0f} | "
-                     f"{f'{paper[0]} / {paper[1]}' if paper else '–'} |")
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {' / '.join(walls)} | "
+                     f"{f'{max(mem):.0f}' if mem else '–'} | {f'{paper[0]} / {paper[1]}' if paper else '–'} |")
+    lines.append("")
+    for s in (1, 5):
+        r = {m: acc.get(run_name(m, [], s)) for m in ("free", "random", "average", "maml")}
+        if all(r.values()):
+            f = r["free"]
+            lines.append(f"- {s}-shot: FREE − random {f['test_acc'] - r['random']['test_acc']:+.2f}, FREE − average "
+                         f"{f['test_acc'] - r['average']['test_acc']:+.2f} (CIs ±{f['test_ci95']:.2f}, "
+                         f"±{r['random']['test_ci95']:.2f}, ±{r['average']['test_ci95']:.2f}); data-based MAML − FREE "
+                         f"{r['maml']['test_acc'] - f['test_acc']:+.2f}; FREE closes "
+                         f"{100 * (f['test_acc'] - r['random']['test_acc']) / (r['maml']['test_acc'] - r['random']['test_acc']):.0f}% "
+                         "of the gap from random init to data-based MAML.")
     return "\n".join(lines) + "\n"
 
 
@@ -322,17 +342,23 @@ def report(results):
     return "\n".join(parts)
 
 
+def bench_report(args):
+    results = load_results()
+    copy_recovered_grid(results)
+    save_results(results)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=("recovery", "accuracy", "gpu", "report"))
     p.add_argument("--data-root", default=OMNIGLOT_ROOT, help="folder holding the Omniglot zip")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
-    p.add_argument("--jobs", type=int, default=2, help="free.py runs at a time (accuracy)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (accuracy)")
+    p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (accuracy)")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (accuracy)")
     args = p.parse_args()
     t0 = time.perf_counter()
     {"recovery": bench_recovery, "accuracy": bench_accuracy, "gpu": bench_gpu,
-     "report": lambda a: save_results(load_results())}[args.what](args)
+     "report": bench_report}[args.what](args)
     print(f"bench.py {args.what}: {time.perf_counter() - t0:.0f}s; see {OUT}/results.md")
 
 
