@@ -343,7 +343,15 @@ def report(results):
 
 
 def bench_report(args):
+    """Rewrite results.md (and the README section) from results.json plus every finished run in
+    bench/runs/, including runs finished outside `bench.py accuracy` (e.g. resumed by hand)."""
     results = load_results()
+    acc = results.setdefault("accuracy", {})
+    for s in (1, 5):
+        for m, flags in RUNS:
+            path = os.path.join(OUT, "runs", run_name(m, flags, s), "results.json")
+            if os.path.exists(path):
+                acc[run_name(m, flags, s)] = json.load(open(path))
     copy_recovered_grid(results)
     save_results(results)
 
