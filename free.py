@@ -33,7 +33,7 @@ import maml
 import recover
 from data import DATASETS, load_dataset, sample_tasks
 from models import ARCHS, Conv4, Generator
-from zoo import build_zoo, paper_settings
+from zoo import QUICK_SETTINGS, build_zoo, paper_settings
 
 METHODS = ("free", "random", "average", "maml")
 TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and seed sees the same tasks
@@ -98,7 +98,7 @@ class Config:
 PRESETS = {
     "paper": {},  # the Config defaults are the paper's
     # a CPU run of a few minutes on Omniglot (README "Presets" gives its measured time)
-    "quick": dict(n_teachers=40, zoo_epochs=20, zoo_batch=32, rounds=60, warmup=5, nf=32, replay_patience=10,
+    "quick": dict(n_teachers=40, zoo_epochs=QUICK_SETTINGS.epochs, zoo_batch=QUICK_SETTINGS.batch_size, rounds=60, warmup=5, nf=32, replay_patience=10,
                   max_replay=4, eval_every=20, val_tasks=100, save_every=10, recover_steps=20),
     # seconds, for CI and tests
     "smoke": dict(n_teachers=3, zoo_epochs=2, zoo_batch=32, rounds=3, warmup=1, B=2, nf=8, meta_batch=2,
@@ -217,10 +217,15 @@ def save_grid(path, rows):
 # ------------------------------------------------------------------------ evaluation
 
 
+def use_vmap(device):
+    """Map tasks with torch.func.vmap on CUDA only: on the CPU the per-task loop is faster (README "Speed")."""
+    return device.type == "cuda"
+
+
 def evaluate(cfg, model, params, split, n_tasks, seed, device, classes=None, chunk=EVAL_CHUNK):
     """Mean accuracy and 95% CI over n_tasks tasks of `split` sampled with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
-    vectorize = device.type == "cuda"  # on the CPU the per-task loop is faster (README "Speed")
+    vectorize = use_vmap(device)
     accs = []
     for start in range(0, n_tasks, chunk):
         t = min(chunk, n_tasks - start)
@@ -314,10 +319,14 @@ class Trainer:
             torch.cuda.set_rng_state_all(s["cuda_rng"])
         self.best_val, self.best_state, self.stats = s["best_val"], s["best_state"], s["stats"]
 
+    def rounds_done(self):
+        """(warm-up rounds done, training rounds done)."""
+        return min(self.round, self.cfg.warmup), max(0, self.round - self.cfg.warmup)
+
     def eta(self):
         """Seconds left: remaining warm-up and training rounds at their mean times so far."""
         cfg, st = self.cfg, self.stats
-        warm_done, train_done = min(self.round, cfg.warmup), max(0, self.round - cfg.warmup)
+        warm_done, train_done = self.rounds_done()
         warm_s = st["warmup_seconds"] / max(1, warm_done)
         train_s = st["train_seconds"] / train_done if train_done else warm_s
         return (cfg.warmup - warm_done) * warm_s + (cfg.rounds - cfg.warmup - train_done) * train_s
@@ -347,7 +356,7 @@ class Trainer:
         """Cross-task replay: MAML meta-batches from the memory bank (or, for `maml`, from the real
         meta-train split) until train accuracy stalls for `replay_patience` meta-batches."""
         cfg, best, since, losses, accs = self.cfg, -1.0, 0, [], []
-        vectorize = self.device.type == "cuda"
+        vectorize = use_vmap(self.device)
         if cfg.method != "maml" and not self.bank.can_sample(cfg.way, cfg.shots, cfg.query):
             return {"replay_batches": 0}  # too few images per class in the bank yet
         for _ in range(cfg.max_replay):
@@ -540,7 +549,7 @@ def main(argv=None):
             rows.append(rec + list(real_imgs))
         save_grid(os.path.join(cfg.out, "recovered.png"), rows)
 
-    st = trainer.stats
+    st, (warm_done, train_done) = trainer.stats, trainer.rounds_done()
     results = dict(dataset=cfg.dataset, way=cfg.way, shots=cfg.shots, method=cfg.method, ablations=ablations(cfg),
                    teacher_arch=cfg.teacher_arch, preset=cfg.preset, seed=cfg.seed, device=str(device),
                    rounds=trainer.round, torch_version=torch.__version__, test_acc=acc, test_ci95=ci,
@@ -548,8 +557,8 @@ def main(argv=None):
                    recovery_seconds_total=st["recovery_seconds_total"],
                    recovery_seconds_per_task=st["recovery_seconds_total"] / max(1, st["recovered_tasks"]),
                    wall_seconds=time.perf_counter() - t_start, peak_memory_mb=peak_memory_mb(device),
-                   seconds_per_warmup_round=st["warmup_seconds"] / max(1, min(trainer.round, cfg.warmup)),
-                   seconds_per_round=st["train_seconds"] / max(1, trainer.round - cfg.warmup))
+                   seconds_per_warmup_round=st["warmup_seconds"] / max(1, warm_done),
+                   seconds_per_round=st["train_seconds"] / max(1, train_done))
     if "per_domain" in test:
         results["per_domain"] = {d: {"test_acc": a, "test_ci95": c} for d, (a, c) in test["per_domain"].items()}
     write_json_atomic(results, os.path.join(cfg.out, "results.json"))

@@ -61,7 +61,7 @@ class ZooSettings:
 
 
 PAPER_EPOCHS = {"cub": 100}  # SPEC §2: Conv4 teachers train 100 epochs on CUB, 60 elsewhere
-# CPU quick preset, tuned on Omniglot (build_zoo(load_dataset("omniglot", <folder of
+# CPU quick preset (free.py's `quick`), tuned on Omniglot (build_zoo(load_dataset("omniglot", <folder of
 # images_background_small1.zip>), "conv4", n=40, way=5, seed=0, ...) with
 # torch.set_num_threads(1)): 98.0% mean held-out accuracy,
 # ~1.0-1.3 s per teacher; the paper's 60 epochs x batch 128 give 97.0% in ~3.6 s (n=10)
