@@ -3,6 +3,7 @@ includes the latter). Every number there is written by this script; none is type
 
     python bench.py recovery   # speed-up of task recovery at equal quality (SPEC §4, §6)
     python bench.py accuracy   # Omniglot 5-way 1/5-shot: FREE, baselines, ablations (quick preset)
+    python bench.py seeds      # FREE and average over seeds 0-2: the spread the test CI does not show
     python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
     python bench.py report     # rewrite bench/results.md from bench/results.json
 
@@ -44,7 +45,9 @@ RUNS = [("free", []), ("random", []), ("average", []), ("maml", []), ("free", ["
         ("free", ["--no-align"]), ("free", ["--hard-labels"])]
 # the paper's CIFAR-FS numbers (SPEC §4, Conv4 5-way), for the ranking beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
-JOBS, THREADS = 2, 1  # accuracy runs at a time, torch threads per run (after the FREE 1-shot run, alone)
+SEEDS = (0, 1, 2)  # `bench.py seeds`: FREE and average, the whole pipeline (zoo included) reseeded
+SEED_METHODS = ("free", "average")
+JOBS, THREADS = 2, 1  # default accuracy runs at a time, torch threads per run (after FREE 1-shot, alone)
 GPU_ROUNDS = 30  # rounds timed by `bench.py gpu` (warm-up included)
 GPU_WARMUP = 5
 
@@ -232,29 +235,85 @@ def bench_accuracy(args):
     # build the zoo once before starting parallel runs
     cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root])
     free.load_teachers(cfg, load_dataset("omniglot", args.data_root), torch.device("cpu"), print)
-    jobs = [(m, f, s) for s in args.shots for m, f in RUNS]
+    first = ("free", [], 1)  # goes alone with every thread: its wall time is the quick preset's time
+    jobs = [(m, f, s) for s in args.shots for m, f in RUNS if (m, f, s) != first]
     results = load_results()
     acc = results.setdefault("accuracy", {})
-    results["accuracy_meta"] = {"jobs": args.jobs, "threads_per_job": args.threads}
-    # the first run (FREE, 1-shot) goes alone with every thread: its wall time is the quick preset's time
-    res, how = run_one(*jobs[0], args, threads=None)
-    acc[run_name(*jobs[0])] = res
-    results["quick_preset"] = {"run": run_name(*jobs[0]), "wall_seconds": res["wall_seconds"],
-                               "threads": torch.get_num_threads(), "how": how}
-    print(f"{run_name(*jobs[0])}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s ({how})")
-    save_results(results)
-    jobs = jobs[1:]
+
+    def done(job, res, how):
+        acc[run_name(*job)] = res
+        print(f"{run_name(*job)}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  "
+              f"({how})", flush=True)
+        save_results(results)
+
+    if 1 in args.shots:
+        res, how = run_one(*first, args, threads=None)
+        if how == "ran" or "quick_preset" not in results:
+            results["quick_preset"] = {"run": run_name(*first), "wall_seconds": res["wall_seconds"],
+                                       "threads": res.get("torch_threads")}
+        done(first, res, how)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_one, m, f, s, args): (m, f, s) for m, f, s in jobs}
+        futures = {pool.submit(run_one, *job, args): job for job in jobs}
         for fut in concurrent.futures.as_completed(futures):
-            m, f, s = futures[fut]
-            res, how = fut.result()
-            acc[run_name(m, f, s)] = res
-            print(f"{run_name(m, f, s)}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  "
-                  f"{res['wall_seconds']:.0f}s  ({how})", flush=True)
-            save_results(results)
+            done(futures[fut], *fut.result())
     copy_recovered_grid(results)
     save_results(results)
+
+
+def seed_flags(seed):
+    return ["--seed", str(seed)] if seed else []  # seed 0 is the accuracy benchmark's own run
+
+
+def seed_jobs(shots):
+    return [(m, seed_flags(seed), s) for s in shots for seed in SEEDS for m in SEED_METHODS]
+
+
+def bench_seeds(args):
+    """Run-to-run spread: the 600-task CI measures test-task sampling only, not training noise."""
+    for seed in SEEDS:  # build each zoo once before parallel runs share it
+        cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
+                               "--seed", str(seed)])
+        free.load_teachers(cfg, load_dataset("omniglot", args.data_root), torch.device("cpu"), print)
+    results = load_results()
+    seeds = results.setdefault("seeds", {})
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_one, *job, args): job for job in seed_jobs(args.shots)}
+        for fut in concurrent.futures.as_completed(futures):
+            res, how = fut.result()
+            seeds[run_name(*futures[fut])] = res
+            print(f"{run_name(*futures[fut])}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  "
+                  f"{res['wall_seconds']:.0f}s  ({how})", flush=True)
+            save_results(results)
+
+
+def seeds_md(seeds):
+    lines = ["### Run-to-run spread (Omniglot 5-way, quick preset, seeds " + ", ".join(map(str, SEEDS)) + ")",
+             "", "Each seed reseeds the whole pipeline: teacher zoo, generator, meta-learner, task sampling; the "
+             "600 test tasks stay fixed. The ± of one run is its test-task CI only. Seed 0 is the accuracy table's "
+             "run. '–': not run yet (`python bench.py seeds`).", "",
+             "| shots | seed | " + " | ".join(SEED_METHODS) + " | free − average |",
+             "|---|---|" + "---|" * (len(SEED_METHODS) + 1)]
+    summaries = []
+    for shots in (1, 5):
+        diffs, per_method = [], {m: [] for m in SEED_METHODS}
+        for seed in SEEDS:
+            r = {m: seeds.get(run_name(m, seed_flags(seed), shots)) for m in SEED_METHODS}
+            cells = [f"{r[m]['test_acc']:.2f} ± {r[m]['test_ci95']:.2f}" if r[m] else "–" for m in SEED_METHODS]
+            for m in SEED_METHODS:
+                if r[m]:
+                    per_method[m].append(r[m]["test_acc"])
+            diff = r["free"]["test_acc"] - r["average"]["test_acc"] if r["free"] and r["average"] else None
+            if diff is not None:
+                diffs.append(diff)
+            lines.append(f"| {shots} | {seed} | " + " | ".join(cells)
+                         + f" | {f'{diff:+.2f}' if diff is not None else '–'} |")
+        if len(diffs) == len(SEEDS):
+            def spread(xs):
+                return f"{statistics.mean(xs):.2f} (std {statistics.stdev(xs):.2f})"
+            summaries.append(f"- {shots}-shot, mean over seeds (std across seeds): "
+                             + ", ".join(f"{m} {spread(per_method[m])}" for m in SEED_METHODS)
+                             + f"; free − average {spread(diffs)}, positive on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds.")
+    return "\n".join(lines + [""] + summaries) + "\n"
 
 
 def copy_recovered_grid(results):
@@ -264,25 +323,30 @@ def copy_recovered_grid(results):
         shutil.copyfile(grid, os.path.join(OUT, "recovered.png"))
 
 
-def accuracy_md(acc, meta):
-    jobs, threads = meta.get("jobs", JOBS), meta.get("threads_per_job", THREADS)
+def accuracy_md(acc, quick):
     lines = ["### Accuracy (Omniglot, Conv4, 5-way, 600 fixed test tasks, quick preset)", "",
-             f"FREE 1-shot ran alone with every thread (the quick preset's time); the other runs {jobs} at a time "
-             f"with {threads} torch thread(s) each, on this 2-core machine, so their wall times are not "
-             "comparable with it. '–': not run yet (`python bench.py accuracy` runs, or resumes, what is missing).", "",
-             "| method | 1-shot | 5-shot | wall s (1/5-shot) | peak MB | paper, CIFAR-FS (1/5-shot) |",
-             "|---|---|---|---|---|---|"]
+             f"`bench.py accuracy` runs FREE 1-shot alone with every thread (the quick preset's time), then the "
+             f"others `--jobs` at a time with `--threads` torch threads each (defaults {JOBS} and {THREADS}) on this "
+             "2-core machine; the threads column is what each run recorded ('?': a run older than that record), and wall "
+             "times compare only between runs made alike. A resumed run's wall time sums its processes. "
+             "'–': not run yet (`python bench.py accuracy` runs, or resumes, what is missing).", "",
+             "| method | 1-shot | 5-shot | wall s (1/5-shot) | threads (1/5-shot) | peak MB | "
+             "paper, CIFAR-FS (1/5-shot) |",
+             "|---|---|---|---|---|---|---|"]
     for m, flags in RUNS:
         label = " ".join([m] + flags)
-        cells, walls, mem = [], [], []
+        cells, walls, threads, mem = [], [], [], []
         for s in (1, 5):
-            r = acc.get(run_name(m, flags, s))
+            name = run_name(m, flags, s)
+            r = acc.get(name)
             cells.append(f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f}" if r else "–")
             walls.append(f"{r['wall_seconds']:.0f}" if r else "–")
+            t = r and (r.get("torch_threads") or (quick.get("threads") if quick.get("run") == name else None))
+            threads.append(str(t) if t else "?" if r else "–")
             if r:
                 mem.append(r["peak_memory_mb"])
         paper = PAPER_CIFARFS.get(label)
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {' / '.join(walls)} | "
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {' / '.join(walls)} | {' / '.join(threads)} | "
                      f"{f'{max(mem):.0f}' if mem else '–'} | {f'{paper[0]} / {paper[1]}' if paper else '–'} |")
     lines.append("")
     for s in (1, 5):
@@ -312,19 +376,29 @@ def bench_gpu(args):
     else:
         subprocess.run(cmd, check=True)
         res = json.load(open(os.path.join(out, "results.json")))
-    paper = free.Config()
-    projected = paper.warmup * res["seconds_per_warmup_round"] + (paper.rounds - paper.warmup) * res["seconds_per_round"]
+    projected = projected_seconds(res, free.Config())  # the Config defaults are the paper preset
     results = load_results()
     results["gpu"] = {"card": torch.cuda.get_device_name(0), "seconds_per_round": res["seconds_per_round"],
                       "seconds_per_warmup_round": res["seconds_per_warmup_round"],
+                      "seconds_per_validation": res["seconds_per_validation"], "test_seconds": res["test_seconds"],
                       "projected_1000_rounds_minutes": projected / 60, "command": " ".join(cmd[1:])}
     save_results(results)
 
 
+def projected_seconds(res, cfg):
+    """A full run of `cfg` at a short run's measured speeds: warm-up rounds, training rounds, every
+    meta-validation and the meta-test (the teacher zoo is trained once and cached, so not counted)."""
+    validations = sum(free.is_validation_round(cfg, r) for r in range(1, cfg.rounds + 1))
+    return (cfg.warmup * res["seconds_per_warmup_round"] + (cfg.rounds - cfg.warmup) * res["seconds_per_round"]
+            + validations * res["seconds_per_validation"] + res["test_seconds"])
+
+
 def gpu_md(g):
     return (f"### GPU ({g['card']})\n\nPaper preset on CIFAR-shaped synthetic data (32x32x3, 100 teachers): "
-            f"{g['seconds_per_round']:.2f} s per round ({g['seconds_per_warmup_round']:.2f} s per warm-up round); "
-            f"projected 1000 rounds: {g['projected_1000_rounds_minutes']:.1f} min. Command: `{g['command']}`.\n")
+            f"{g['seconds_per_round']:.2f} s per round ({g['seconds_per_warmup_round']:.2f} s per warm-up round, "
+            f"{g['seconds_per_validation']:.1f} s per meta-validation, {g['test_seconds']:.1f} s meta-test); "
+            f"projected 1000 rounds with validations and meta-test: {g['projected_1000_rounds_minutes']:.1f} min. "
+            f"Command: `{g['command']}`.\n")
 
 
 def report(results):
@@ -332,11 +406,13 @@ def report(results):
     if "recovery" in results:
         parts.append(recovery_md(results["recovery"]))
     if "accuracy" in results:
-        parts.append(accuracy_md(results["accuracy"], results.get("accuracy_meta", {})))
+        parts.append(accuracy_md(results["accuracy"], results.get("quick_preset", {})))
     if "quick_preset" in results:
         q = results["quick_preset"]
         parts.append(f"Quick preset, FREE 5-way 1-shot on Omniglot, alone on this 2-core CPU ({q['threads']} torch "
                      f"threads, teacher zoo already cached): {q['wall_seconds']:.0f} s wall ({q['run']}).\n")
+    if "seeds" in results:
+        parts.append(seeds_md(results["seeds"]))
     if "gpu" in results:
         parts.append(gpu_md(results["gpu"]))
     return "\n".join(parts)
@@ -346,26 +422,26 @@ def bench_report(args):
     """Rewrite results.md (and the README section) from results.json plus every finished run in
     bench/runs/, including runs finished outside `bench.py accuracy` (e.g. resumed by hand)."""
     results = load_results()
-    acc = results.setdefault("accuracy", {})
-    for s in (1, 5):
-        for m, flags in RUNS:
-            path = os.path.join(OUT, "runs", run_name(m, flags, s), "results.json")
+    for key, jobs in (("accuracy", [(m, f, s) for s in (1, 5) for m, f in RUNS]), ("seeds", seed_jobs((1, 5)))):
+        found = results.setdefault(key, {})
+        for job in jobs:
+            path = os.path.join(OUT, "runs", run_name(*job), "results.json")
             if os.path.exists(path):
-                acc[run_name(m, flags, s)] = json.load(open(path))
+                found[run_name(*job)] = json.load(open(path))
     copy_recovered_grid(results)
     save_results(results)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("recovery", "accuracy", "gpu", "report"))
+    p.add_argument("what", choices=("recovery", "accuracy", "seeds", "gpu", "report"))
     p.add_argument("--data-root", default=OMNIGLOT_ROOT, help="folder holding the Omniglot zip")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
-    p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (accuracy)")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (accuracy)")
+    p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (accuracy, seeds)")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (accuracy, seeds)")
     args = p.parse_args()
     t0 = time.perf_counter()
-    {"recovery": bench_recovery, "accuracy": bench_accuracy, "gpu": bench_gpu,
+    {"recovery": bench_recovery, "accuracy": bench_accuracy, "seeds": bench_seeds, "gpu": bench_gpu,
      "report": bench_report}[args.what](args)
     print(f"bench.py {args.what}: {time.perf_counter() - t0:.0f}s; see {OUT}/results.md")
 

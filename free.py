@@ -295,7 +295,8 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(cfg.seed)  # teacher choice and replay tasks
         self.round = 0
         self.best_val, self.best_state = -1.0, None
-        self.stats = dict(recovery_seconds_total=0.0, recovered_tasks=0, warmup_seconds=0.0, train_seconds=0.0)
+        self.stats = dict(recovery_seconds_total=0.0, recovered_tasks=0, warmup_seconds=0.0, train_seconds=0.0,
+                          validation_seconds=0.0, validations=0, wall_seconds=0.0, resumes=0)
         self.last_recovered = []
 
     # ---- state
@@ -317,7 +318,12 @@ class Trainer:
         torch.set_rng_state(s["torch_rng"])
         if s["cuda_rng"]:
             torch.cuda.set_rng_state_all(s["cuda_rng"])
-        self.best_val, self.best_state, self.stats = s["best_val"], s["best_state"], s["stats"]
+        self.best_val, self.best_state = s["best_val"], s["best_state"]
+        saved = s["stats"]
+        self.stats = dict(self.stats, **saved)  # a stat newer than the checkpoint starts from zero
+        if "wall_seconds" not in saved:  # a checkpoint older than the wall-time record: count its loop time
+            self.stats["wall_seconds"] = saved["warmup_seconds"] + saved["train_seconds"]
+        self.stats["resumes"] += 1
 
     def rounds_done(self):
         """(warm-up rounds done, training rounds done)."""
@@ -454,19 +460,117 @@ def check_resume(cfg, out):
                          + ". Use another --out or the saved settings.")
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
-    device = pick_device(cfg.device)
+def open_run(cfg):
+    """The --out folder: refuse to overwrite a run, or to resume a foreign one; start log.txt."""
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.resume:
         check_resume(cfg, cfg.out)
     elif os.path.exists(os.path.join(cfg.out, "last.pt")):
         raise SystemExit(f"{cfg.out} already holds a run (last.pt); pass --resume to continue it or pick "
                          f"another --out")
-    log = Log(os.path.join(cfg.out, "log.txt"))
-    log(f"device: {device}  torch {torch.__version__}")
-    log("config: " + json.dumps(dataclasses.asdict(cfg)))
     write_json_atomic(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
+    return Log(os.path.join(cfg.out, "log.txt"))
+
+
+def save_best(cfg, model, state, path):
+    save_atomic({"model": state, "arch": model.arch, "config": dataclasses.asdict(cfg)}, path)
+
+
+def is_validation_round(cfg, round_):
+    """Meta-validation after every E-th round and after the last, once the warm-up is over."""
+    return round_ > cfg.warmup and (round_ % cfg.eval_every == 0 or round_ == cfg.rounds)
+
+
+def validate(cfg, trainer, best_path):
+    """Meta-validation; the best model so far goes to best.pt."""
+    t0 = time.perf_counter()
+    acc, ci = evaluate(cfg, trainer.model, maml.detached_params(trainer.model), trainer.ds.splits["val"],
+                       cfg.val_tasks, VAL_TASK_SEED, trainer.device)
+    # model selection on meta-validation; authors' code selects on the test split
+    if acc > trainer.best_val:
+        trainer.best_val = acc
+        trainer.best_state = copy.deepcopy(trainer.model.state_dict())
+        save_best(cfg, trainer.model, trainer.best_state, best_path)
+    trainer.stats["validation_seconds"] += time.perf_counter() - t0
+    trainer.stats["validations"] += 1
+    trainer.log(f"round {trainer.round:4d} val {acc:.2f} ± {ci:.2f} (best {trainer.best_val:.2f})")
+
+
+def train(cfg, trainer, t_start, last_path, best_path):
+    """The rounds, with validation and checkpoints. Returns False when Ctrl-C stopped it (last.pt saved)."""
+    log, stop = trainer.log, {"flag": False}
+
+    def on_sigint(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("\ninterrupt: finishing this round, saving last.pt (Ctrl-C again to abort now)", flush=True)
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        t_loop = time.perf_counter()
+        while trainer.round < cfg.rounds:
+            t_round = time.perf_counter()
+            row = trainer.step()
+            trainer.stats["warmup_seconds" if row["phase"] == "warm-up" else "train_seconds"] += \
+                time.perf_counter() - t_round
+            trainer.round += 1
+            eta = trainer.eta()
+            log(format_row(row, time.perf_counter() - t_loop, eta))
+            if (trainer.device.type == "cpu" and cfg.preset == "paper"
+                    and trainer.round == min(cfg.rounds, cfg.warmup + PROJECTION_ROUNDS)):
+                log(f"projected time on this CPU for the remaining {cfg.rounds - trainer.round} rounds: "
+                    f"{eta / 3600:.1f} h (try --preset quick for a run of minutes)")
+            validated = is_validation_round(cfg, trainer.round)
+            if validated:
+                validate(cfg, trainer, best_path)
+            if validated or trainer.round % cfg.save_every == 0 or stop["flag"]:
+                trainer.stats["wall_seconds"] = time.perf_counter() - t_start
+                save_atomic(trainer.state_dict(), last_path)
+            if stop["flag"]:
+                log(f"stopped at round {trainer.round}; continue with the same command and --resume")
+                return False
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    return True
+
+
+def save_recovered_grid(path, recovered, real):
+    """recovered.png: per class, GRID_PER_CLASS recovered images, then as many real ones."""
+    x, y, classes = recovered
+    rows = []
+    for local, cls in enumerate(classes):
+        real_imgs = real.images[real.labels == cls][:GRID_PER_CLASS].float() / 255
+        rows.append(list(x[y == local][:GRID_PER_CLASS]) + list(real_imgs))
+    save_grid(path, rows)
+
+
+def collect_results(cfg, trainer, test, wall_seconds):
+    st, (warm_done, train_done) = trainer.stats, trainer.rounds_done()
+    acc, ci = test["test_acc"]
+    results = dict(dataset=cfg.dataset, way=cfg.way, shots=cfg.shots, method=cfg.method, ablations=ablations(cfg),
+                   teacher_arch=cfg.teacher_arch, preset=cfg.preset, seed=cfg.seed, device=str(trainer.device),
+                   rounds=trainer.round, torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+                   test_acc=acc, test_ci95=ci,
+                   best_val_acc=trainer.best_val if trainer.best_val >= 0 else None,
+                   recovery_seconds_total=st["recovery_seconds_total"],
+                   recovery_seconds_per_task=st["recovery_seconds_total"] / max(1, st["recovered_tasks"]),
+                   wall_seconds=wall_seconds, resumes=st["resumes"], peak_memory_mb=peak_memory_mb(trainer.device),
+                   seconds_per_warmup_round=st["warmup_seconds"] / max(1, warm_done),
+                   seconds_per_round=st["train_seconds"] / max(1, train_done),
+                   seconds_per_validation=st["validation_seconds"] / max(1, st["validations"]),
+                   test_seconds=test["seconds"])
+    if "per_domain" in test:
+        results["per_domain"] = {d: {"test_acc": a, "test_ci95": c} for d, (a, c) in test["per_domain"].items()}
+    return results
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device = pick_device(cfg.device)
+    log = open_run(cfg)
+    log(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    log("config: " + json.dumps(dataclasses.asdict(cfg)))
     t_start = time.perf_counter()
 
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.mirror, seed=cfg.seed)
@@ -480,87 +584,30 @@ def main(argv=None):
     if cfg.resume:
         trainer.load_state_dict(torch.load(last_path, weights_only=True, map_location="cpu"))  # modules copy to device
         log(f"resumed from {last_path} at round {trainer.round}")
+        t_start -= trainer.stats["wall_seconds"]  # wall time counts every process of the run
     if cfg.method == "average":
         average_teachers(trainer.model, teachers)
-    trains = cfg.method in ("free", "maml")
-
-    stop = {"flag": False}
-
-    def on_sigint(signum, frame):
-        if stop["flag"]:
-            raise KeyboardInterrupt
-        stop["flag"] = True
-        print("\ninterrupt: finishing this round, saving last.pt (Ctrl-C again to abort now)", flush=True)
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        t_loop = time.perf_counter()
-        while trains and trainer.round < cfg.rounds:
-            t_round = time.perf_counter()
-            row = trainer.step()
-            trainer.stats["warmup_seconds" if row["phase"] == "warm-up" else "train_seconds"] += \
-                time.perf_counter() - t_round
-            trainer.round += 1
-            eta = trainer.eta()
-            log(format_row(row, time.perf_counter() - t_loop, eta))
-            if (device.type == "cpu" and cfg.preset == "paper"
-                    and trainer.round == min(cfg.rounds, cfg.warmup + PROJECTION_ROUNDS)):
-                log(f"projected time on this CPU for the remaining {cfg.rounds - trainer.round} rounds: "
-                    f"{eta / 3600:.1f} h (try --preset quick for a run of minutes)")
-            validated = trainer.round % cfg.eval_every == 0 or trainer.round == cfg.rounds
-            if validated and trainer.round > cfg.warmup:
-                acc, ci = evaluate(cfg, trainer.model, maml.detached_params(trainer.model), ds.splits["val"],
-                                   cfg.val_tasks, VAL_TASK_SEED, device)
-                # model selection on meta-validation; authors' code selects on the test split
-                if acc > trainer.best_val:
-                    trainer.best_val = acc
-                    trainer.best_state = copy.deepcopy(trainer.model.state_dict())
-                    save_atomic({"model": trainer.best_state, "arch": trainer.model.arch,
-                                 "config": dataclasses.asdict(cfg)}, best_path)
-                log(f"round {trainer.round:4d} val {acc:.2f} ± {ci:.2f} (best {trainer.best_val:.2f})")
-            if validated or trainer.round % cfg.save_every == 0 or stop["flag"]:
-                save_atomic(trainer.state_dict(), last_path)
-            if stop["flag"]:
-                log(f"stopped at round {trainer.round}; continue with the same command and --resume")
-                return None
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
+    if cfg.method in ("free", "maml") and not train(cfg, trainer, t_start, last_path, best_path):
+        return None  # stopped by Ctrl-C
 
     # ---- the single meta-test
     model = trainer.model
     if trainer.best_state is not None:
         model.load_state_dict(trainer.best_state)
     elif not os.path.exists(best_path):
-        save_atomic({"model": model.state_dict(), "arch": model.arch, "config": dataclasses.asdict(cfg)}, best_path)
+        save_best(cfg, model, model.state_dict(), best_path)
+    t_test = time.perf_counter()
     test = meta_test(cfg, ds, model, maml.detached_params(model), device)
+    test["seconds"] = time.perf_counter() - t_test
     acc, ci = test["test_acc"]
     log(f"meta-test ({cfg.test_tasks} tasks{' per domain' if 'per_domain' in test else ''}, seed {TEST_TASK_SEED}): "
         f"{acc:.2f} ± {ci:.2f}")
     for d, (a, c) in test.get("per_domain", {}).items():
         log(f"  {d}: {a:.2f} ± {c:.2f}")
-
     if trainer.last_recovered:
-        rows = []
-        x, y, classes = trainer.last_recovered[-1]
-        real = ds.splits["train"]
-        for local, cls in enumerate(classes):
-            rec = list(x[y == local][:GRID_PER_CLASS])
-            real_imgs = real.images[real.labels == cls][:GRID_PER_CLASS].float() / 255
-            rows.append(rec + list(real_imgs))
-        save_grid(os.path.join(cfg.out, "recovered.png"), rows)
+        save_recovered_grid(os.path.join(cfg.out, "recovered.png"), trainer.last_recovered[-1], ds.splits["train"])
 
-    st, (warm_done, train_done) = trainer.stats, trainer.rounds_done()
-    results = dict(dataset=cfg.dataset, way=cfg.way, shots=cfg.shots, method=cfg.method, ablations=ablations(cfg),
-                   teacher_arch=cfg.teacher_arch, preset=cfg.preset, seed=cfg.seed, device=str(device),
-                   rounds=trainer.round, torch_version=torch.__version__, test_acc=acc, test_ci95=ci,
-                   best_val_acc=trainer.best_val if trainer.best_val >= 0 else None,
-                   recovery_seconds_total=st["recovery_seconds_total"],
-                   recovery_seconds_per_task=st["recovery_seconds_total"] / max(1, st["recovered_tasks"]),
-                   wall_seconds=time.perf_counter() - t_start, peak_memory_mb=peak_memory_mb(device),
-                   seconds_per_warmup_round=st["warmup_seconds"] / max(1, warm_done),
-                   seconds_per_round=st["train_seconds"] / max(1, train_done))
-    if "per_domain" in test:
-        results["per_domain"] = {d: {"test_acc": a, "test_ci95": c} for d, (a, c) in test["per_domain"].items()}
+    results = collect_results(cfg, trainer, test, time.perf_counter() - t_start)
     write_json_atomic(results, os.path.join(cfg.out, "results.json"))
     log(f"results: {os.path.join(cfg.out, 'results.json')}  wall {results['wall_seconds']:.0f}s")
     return results

@@ -4,6 +4,7 @@ the NaN guard fires, Ctrl-C leaves a resumable checkpoint, and a mismatched --re
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ import maml
 from data import load_dataset
 
 RESULT_KEYS = {"dataset", "way", "shots", "method", "ablations", "teacher_arch", "preset", "seed", "device",
-               "rounds", "torch_version", "test_acc", "test_ci95", "best_val_acc", "recovery_seconds_total",
-               "recovery_seconds_per_task", "wall_seconds"}
+               "rounds", "torch_version", "torch_threads", "resumes", "test_acc", "test_ci95", "best_val_acc",
+               "recovery_seconds_total", "recovery_seconds_per_task", "wall_seconds", "seconds_per_validation",
+               "test_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,14 @@ def test_resume_gives_the_same_parameters_and_results(tmp_path, cache):
     straight = run(tmp_path / "a", cache, "--rounds", "4")
     first = run(tmp_path / "b", cache, "--rounds", "2")
     assert first["rounds"] == 2
+    # wall time counts every process: pretend the first one had taken PRIOR seconds
+    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    ckpt["stats"]["wall_seconds"] = PRIOR = 1000.0
+    torch.save(ckpt, tmp_path / "b" / "last.pt")
+    t0 = time.perf_counter()
     resumed = run(tmp_path / "b", cache, "--rounds", "4", "--resume")
+    assert PRIOR < resumed["wall_seconds"] <= PRIOR + time.perf_counter() - t0
+    assert (straight["resumes"], first["resumes"], resumed["resumes"]) == (0, 0, 1)
     for key in ("test_acc", "test_ci95", "best_val_acc", "rounds"):
         assert straight[key] == resumed[key], key
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
