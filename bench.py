@@ -353,7 +353,8 @@ def accuracy_md(acc, quick):
         r = {m: acc.get(run_name(m, [], s)) for m in ("free", "random", "average", "maml")}
         if all(r.values()):
             f = r["free"]
-            lines.append(f"- {s}-shot: FREE − random {f['test_acc'] - r['random']['test_acc']:+.2f}, FREE − average "
+            lines.append(f"- {s}-shot, seed 0 (one run; spread over seeds below): FREE − random "
+                         f"{f['test_acc'] - r['random']['test_acc']:+.2f}, FREE − average "
                          f"{f['test_acc'] - r['average']['test_acc']:+.2f} (CIs ±{f['test_ci95']:.2f}, "
                          f"±{r['random']['test_ci95']:.2f}, ±{r['average']['test_ci95']:.2f}); data-based MAML − FREE "
                          f"{r['maml']['test_acc'] - f['test_acc']:+.2f}; FREE closes "
