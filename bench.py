@@ -231,31 +231,44 @@ def run_one(method, flags, shots, args, threads=-1):
     return json.load(open(res_path)), "ran"
 
 
-def bench_accuracy(args):
-    # build the zoo once before starting parallel runs
-    cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root])
+def accuracy_jobs(shots):
+    return [(m, f, s) for s in shots for m, f in RUNS]
+
+
+def build_quick_zoo(args, seed=0):
+    """The quick preset's teacher zoo, built (or read from the cache) once before parallel runs share it."""
+    cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
+                           "--seed", str(seed)])
     free.load_teachers(cfg, load_dataset("omniglot", args.data_root), torch.device("cpu"), print)
+
+
+def record(results, key, job, res, how):
+    """Store one run's results under results[key], print it, and rewrite results.json/.md."""
+    results.setdefault(key, {})[run_name(*job)] = res
+    print(f"{run_name(*job)}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})",
+          flush=True)
+    save_results(results)
+
+
+def run_jobs(results, key, jobs, args):
+    """free.py runs, args.jobs at a time, each recorded under results[key] as it finishes."""
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_one, *job, args): job for job in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            record(results, key, futures[fut], *fut.result())
+
+
+def bench_accuracy(args):
+    build_quick_zoo(args)
     first = ("free", [], 1)  # goes alone with every thread: its wall time is the quick preset's time
-    jobs = [(m, f, s) for s in args.shots for m, f in RUNS if (m, f, s) != first]
     results = load_results()
-    acc = results.setdefault("accuracy", {})
-
-    def done(job, res, how):
-        acc[run_name(*job)] = res
-        print(f"{run_name(*job)}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  "
-              f"({how})", flush=True)
-        save_results(results)
-
     if 1 in args.shots:
         res, how = run_one(*first, args, threads=None)
         if how == "ran" or "quick_preset" not in results:
             results["quick_preset"] = {"run": run_name(*first), "wall_seconds": res["wall_seconds"],
                                        "threads": res.get("torch_threads")}
-        done(first, res, how)
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_one, *job, args): job for job in jobs}
-        for fut in concurrent.futures.as_completed(futures):
-            done(futures[fut], *fut.result())
+        record(results, "accuracy", first, res, how)
+    run_jobs(results, "accuracy", [job for job in accuracy_jobs(args.shots) if job != first], args)
     copy_recovered_grid(results)
     save_results(results)
 
@@ -270,20 +283,9 @@ def seed_jobs(shots):
 
 def bench_seeds(args):
     """Run-to-run spread: the 600-task CI measures test-task sampling only, not training noise."""
-    for seed in SEEDS:  # build each zoo once before parallel runs share it
-        cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
-                               "--seed", str(seed)])
-        free.load_teachers(cfg, load_dataset("omniglot", args.data_root), torch.device("cpu"), print)
-    results = load_results()
-    seeds = results.setdefault("seeds", {})
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_one, *job, args): job for job in seed_jobs(args.shots)}
-        for fut in concurrent.futures.as_completed(futures):
-            res, how = fut.result()
-            seeds[run_name(*futures[fut])] = res
-            print(f"{run_name(*futures[fut])}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  "
-                  f"{res['wall_seconds']:.0f}s  ({how})", flush=True)
-            save_results(results)
+    for seed in SEEDS:
+        build_quick_zoo(args, seed)
+    run_jobs(load_results(), "seeds", seed_jobs(args.shots), args)
 
 
 def seeds_md(seeds):
@@ -312,7 +314,8 @@ def seeds_md(seeds):
                 return f"{statistics.mean(xs):.2f} (std {statistics.stdev(xs):.2f})"
             summaries.append(f"- {shots}-shot, mean over seeds (std across seeds): "
                              + ", ".join(f"{m} {spread(per_method[m])}" for m in SEED_METHODS)
-                             + f"; free − average {spread(diffs)}, positive on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds.")
+                             + f"; free − average {spread(diffs)}, positive on "
+                             f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds.")
     return "\n".join(lines + [""] + summaries) + "\n"
 
 
@@ -327,8 +330,8 @@ def accuracy_md(acc, quick):
     lines = ["### Accuracy (Omniglot, Conv4, 5-way, 600 fixed test tasks, quick preset)", "",
              f"`bench.py accuracy` runs FREE 1-shot alone with every thread (the quick preset's time), then the "
              f"others `--jobs` at a time with `--threads` torch threads each (defaults {JOBS} and {THREADS}) on this "
-             "2-core machine; the threads column is what each run recorded ('?': a run older than that record), and wall "
-             "times compare only between runs made alike. A resumed run's wall time sums its processes. "
+             "2-core machine; the threads column is what each run recorded ('?': a run older than that record), "
+             "and wall times compare only between runs made alike. A resumed run's wall time sums its processes. "
              "'–': not run yet (`python bench.py accuracy` runs, or resumes, what is missing).", "",
              "| method | 1-shot | 5-shot | wall s (1/5-shot) | threads (1/5-shot) | peak MB | "
              "paper, CIFAR-FS (1/5-shot) |",
@@ -423,7 +426,7 @@ def bench_report(args):
     """Rewrite results.md (and the README section) from results.json plus every finished run in
     bench/runs/, including runs finished outside `bench.py accuracy` (e.g. resumed by hand)."""
     results = load_results()
-    for key, jobs in (("accuracy", [(m, f, s) for s in (1, 5) for m, f in RUNS]), ("seeds", seed_jobs((1, 5)))):
+    for key, jobs in (("accuracy", accuracy_jobs((1, 5))), ("seeds", seed_jobs((1, 5)))):
         found = results.setdefault(key, {})
         for job in jobs:
             path = os.path.join(OUT, "runs", run_name(*job), "results.json")
