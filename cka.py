@@ -49,7 +49,8 @@ PRESETS = {"paper": dict(teachers=12, probe=500, epochs=None, batch=None),
 
 
 def center_columns(X):
-    """Centring of linear CKA (Kornblith et al. 2019): X_c = H X with H = I - 11^T / n: subtract each column's mean over the n inputs."""
+    """Centring of linear CKA (Kornblith et al. 2019): X_c = H X with H = I - 11^T / n: subtract each
+    column's mean over the n inputs."""
     return X - X.mean(dim=0, keepdim=True)
 
 
@@ -168,7 +169,8 @@ def write_heatmap_png(matrix, labels, path, title=""):
 
 
 def text_heatmap(matrix, labels):
-    """Supplement Figure 1 in the terminal. Shaded text rendering: one row per label, two characters per cell from SHADES."""
+    """Supplement Figure 1 in the terminal. Shaded text rendering: one row per label, two characters
+    per cell from SHADES."""
     width = max(len(s) for s in labels)
     lines = [" " * width + " |" + "".join(f"{j % 100:>2d}" for j in range(len(labels)))]
     for i, label in enumerate(labels):

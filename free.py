@@ -98,8 +98,9 @@ class Config:
 PRESETS = {
     "paper": {},  # the Config defaults are the paper's
     # a CPU run of a few minutes on Omniglot (README "Presets" gives its measured time)
-    "quick": dict(n_teachers=40, zoo_epochs=QUICK_SETTINGS.epochs, zoo_batch=QUICK_SETTINGS.batch_size, rounds=60, warmup=5, nf=32, replay_patience=10,
-                  max_replay=4, eval_every=20, val_tasks=100, save_every=10, recover_steps=20),
+    "quick": dict(n_teachers=40, zoo_epochs=QUICK_SETTINGS.epochs, zoo_batch=QUICK_SETTINGS.batch_size, rounds=60,
+                  warmup=5, nf=32, replay_patience=10, max_replay=4, eval_every=20, val_tasks=100, save_every=10,
+                  recover_steps=20),
     # seconds, for CI and tests
     "smoke": dict(n_teachers=3, zoo_epochs=2, zoo_batch=32, rounds=3, warmup=1, B=2, nf=8, meta_batch=2,
                   max_replay=1, eval_every=2, val_tasks=6, test_tasks=10, save_every=1,

@@ -159,7 +159,8 @@ def adapt_and_score(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, l
 
 def meta_test(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, lr=INNER_LR,
               vectorize=True):
-    """Meta-test protocol (SPEC §2): query accuracy of each task in a chunk [T, ...] after test-time adaptation; returns [T]."""
+    """Meta-test protocol (SPEC §2): query accuracy of each task in a chunk [T, ...] after test-time
+    adaptation; returns [T]."""
     params = {k: v.detach() for k, v in params.items()}
 
     def task(xs, ys, xq, yq):

@@ -172,16 +172,17 @@ def to_uint8(x):
 
 
 class MemoryBank:
-    """Memory bank of FIVE (SPEC §2): recovered images keyed by global class id (from the teacher's label list), FIFO-capped per
-    class. Samples N-way K-shot Q-query tasks whose classes may come from different teachers
-    (cross-task replay), relabelled 0..N-1."""
+    """Memory bank of FIVE (SPEC §2): recovered images keyed by global class id (from the teacher's
+    label list), FIFO-capped per class. Samples N-way K-shot Q-query tasks whose classes may come
+    from different teachers (cross-task replay), relabelled 0..N-1."""
 
     def __init__(self, cap=BANK_CAP):
         self.cap = cap
         self.images = {}  # global class id -> uint8 [n <= cap, C, H, W], oldest first
 
     def add(self, x, y, classes):
-        """Memory bank (SPEC §2): store recovered images x [M, C, H, W] with local labels y under global ids classes[y]."""
+        """Memory bank (SPEC §2): store recovered images x [M, C, H, W] with local labels y under global
+        ids classes[y]."""
         x = to_uint8(x.detach()).cpu()
         for local, cls in enumerate(classes):
             new = x[y.cpu() == local]
@@ -201,9 +202,10 @@ class MemoryBank:
         return len(self.classes(min_images=shot + query)) >= way
 
     def sample_tasks(self, n_tasks, way, shot, query, generator, device="cpu"):
-        """Cross-task replay tasks (SPEC §2): T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot], x_q [T, way*query, ...], y_q;
-        classes drawn without replacement from the whole bank, images without replacement within
-        a class; labels relative, 0..way-1. Returns float images in [0, 1] on `device`."""
+        """Cross-task replay tasks (SPEC §2): T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot],
+        x_q [T, way*query, ...], y_q; classes drawn without replacement from the whole bank, images
+        without replacement within a class; labels relative, 0..way-1. Returns float images in [0, 1]
+        on `device`."""
         pool = self.classes(min_images=shot + query)
         if len(pool) < way:
             raise ValueError(f"memory bank has {len(pool)} classes with >= {shot + query} images; "
