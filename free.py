@@ -1,6 +1,6 @@
 """FREE end to end: `python free.py --dataset cifarfs --shots 1`.
 
-Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024 (SPEC.md §2, §5).
+Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024, §3 (method) and §4 (setup); counts are the authors' code defaults.
 The loop, as in the paper's algorithm:
     warm-up: train only the meta-generator (no L_adv, nothing stored);
     each round: sample B teachers -> FIVE: recover each task in k steps, meta-update theta_G
@@ -47,7 +47,7 @@ EVAL_CHUNK = 50  # meta-test tasks evaluated at once (memory only; no effect on 
 @dataclass
 class Config:
     # ---- what to run
-    dataset: str = "cifarfs"  # data set (SPEC §3)
+    dataset: str = "cifarfs"  # data set (paper §4; see README "Data")
     way: int = 5  # N, classes per task (paper: 5)
     shots: int = 1  # K, support images per class (paper: 1 or 5)
     query: int = 15  # Q, query images per class (paper: 15)
@@ -68,16 +68,16 @@ class Config:
     device: str = "auto"  # auto / cpu / cuda
     resume: bool = False
     # ---- counts (the preset sets these; a flag overrides)
-    n_teachers: int = 100  # size of the teacher zoo (SPEC §2: 100)
-    zoo_epochs: int = None  # teacher training epochs (SPEC §2: 60, CUB 100; None = the paper's for the data set)
-    zoo_batch: int = 128  # teacher training batch size (SPEC §2: 128)
+    n_teachers: int = 100  # size of the teacher zoo (paper §4: 100)
+    zoo_epochs: int = None  # teacher training epochs (authors' code: 60, CUB 100; None = the paper's for the data set)
+    zoo_batch: int = 128  # teacher training batch size (authors' code: 128)
     rounds: int = 1000  # meta-training rounds (authors' default)
-    warmup: int = 20  # warm-up rounds, generator only (SPEC §2)
-    B: int = 4  # B, teachers per round (SPEC §2)
-    k: int = recover.K  # k, generator adaptation steps (SPEC §2: 5)
-    n_per_class: int = recover.IMAGES_PER_CLASS  # rows of Z per class (SPEC §2: 20)
+    warmup: int = 20  # warm-up rounds, generator only (authors' code: 20)
+    B: int = 4  # B, teachers per round (authors' code: 4)
+    k: int = recover.K  # k, generator adaptation steps (paper §3.2: 5)
+    n_per_class: int = recover.IMAGES_PER_CLASS  # rows of Z per class (authors' code: 20)
     nf: int = 64  # nf, generator width (supplement Table 1: 64)
-    meta_batch: int = 10  # tasks per replay meta-batch (SPEC §2: 10)
+    meta_batch: int = 10  # tasks per replay meta-batch (authors' code: 10)
     replay_patience: int = 10  # stop replay when train acc has not improved for this many meta-batches (authors)
     max_replay: int = 50  # at most this many replay meta-batches a round (ours: bounds a round's time)
     eval_every: int = 20  # E, rounds between meta-validations (authors: 20)
@@ -85,14 +85,14 @@ class Config:
     test_tasks: int = 600  # meta-test tasks (per domain for mix)
     save_every: int = 20  # rounds between last.pt checkpoints (also at each validation and at the end)
     # ---- rates and constants
-    gen_lr: float = recover.GEN_LR  # Adam lr of theta_G' and Z, and of the meta-generator (SPEC §2: 1e-3)
-    lambda_adv: float = recover.LAMBDA_ADV  # lambda_adv of Eq. (1) (SPEC §2: 1)
-    alpha: float = maml.ALPHA  # alpha, inner lr of Eq. (3) (SPEC §2: 1e-3)
-    tau: float = maml.TAU  # tau, KD temperature (SPEC §2: 1)
-    outer_lr: float = 1e-3  # outer Adam lr of the meta-learner (SPEC §2)
-    inner_lr: float = maml.INNER_LR  # MAML inner SGD lr, train and test (SPEC §2: 0.01)
-    train_inner_steps: int = maml.TRAIN_INNER_STEPS  # MAML inner steps in replay (SPEC §5: 5)
-    test_inner_steps: int = maml.TEST_INNER_STEPS  # adaptation steps at meta-test (SPEC §2: 10)
+    gen_lr: float = recover.GEN_LR  # Adam lr of theta_G' and Z, and of the meta-generator (supplement: 1e-3)
+    lambda_adv: float = recover.LAMBDA_ADV  # lambda_adv of Eq. (1) (authors' code: 1)
+    alpha: float = maml.ALPHA  # alpha, inner lr of Eq. (3) (supplement: 0.001)
+    tau: float = maml.TAU  # tau, KD temperature (authors' code: 1, plain softmax)
+    outer_lr: float = 1e-3  # outer Adam lr of the meta-learner (authors' code: 1e-3)
+    inner_lr: float = maml.INNER_LR  # MAML inner SGD lr, train and test (authors' code: 0.01)
+    train_inner_steps: int = maml.TRAIN_INNER_STEPS  # MAML inner steps in replay (authors' code: 5)
+    test_inner_steps: int = maml.TEST_INNER_STEPS  # adaptation steps at meta-test (authors' code: 10)
 
 
 PRESETS = {

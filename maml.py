@@ -1,7 +1,7 @@
 """BELL (Better gEneralisation via meta-Learner) and evaluation: the MAML inner loop and outer
 loss, knowledge distillation, Eq. (3)'s implicit gradient alignment, and the meta-test protocol.
 
-Paper: Wei et al., CVPR 2024, §3.3 and Eq. (3); MAML: Finn et al., ICML 2017 (SPEC.md §2).
+Paper: Wei et al., CVPR 2024, §3.3 and Eq. (3); MAML: Finn et al., ICML 2017.
 
 Fast weights are plain dicts `{name: tensor}` evaluated with `torch.func.functional_call`; the
 inner loop is a pure function (`inner_adapt`) that `torch.func.vmap` maps over the tasks of a
@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-INNER_LR = 0.01  # MAML inner SGD learning rate, train and test (SPEC §2, authors' default)
-TRAIN_INNER_STEPS = 5  # MAML inner steps during replay (SPEC §5)
-TEST_INNER_STEPS = 10  # adaptation steps at meta-test (SPEC §2 "Meta-test protocol")
-ALPHA = 1e-3  # alpha, inner learning rate of Eq. (3) (SPEC §2)
-TAU = 1.0  # tau, KD temperature (SPEC §2: 1 unless tuned)
+INNER_LR = 0.01  # MAML inner SGD learning rate, train and test (authors' code default)
+TRAIN_INNER_STEPS = 5  # MAML inner steps during replay (authors' code default)
+TEST_INNER_STEPS = 10  # adaptation steps at meta-test (authors' code default)
+ALPHA = 1e-3  # alpha, inner learning rate of Eq. (3) (supplement: 0.001)
+TAU = 1.0  # tau, KD temperature (authors' code: 1, a plain softmax)
 CI_Z = 1.96  # z-value of a two-sided 95% confidence interval
 
 
@@ -85,7 +85,7 @@ def maml_meta_batch_loss(model, params, x_s, y_s, x_q, y_q, steps=TRAIN_INNER_ST
 
 
 def kd_loss(student_logits, teacher_logits, tau=TAU):
-    """Knowledge distillation (SPEC §2, BELL):
+    """Knowledge distillation of BELL (paper §3.3):
 
         L_KD(T_i; theta) = tau^2 * KL( softmax(M_i(x)/tau) || softmax(f_theta(x)/tau) )
 
@@ -152,14 +152,14 @@ def apply_meta_gradient(model, optimizer, meta_grad):
 
 
 def adapt_and_score(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, lr=INNER_LR):
-    """Meta-test protocol (SPEC §2) on one task: adapt `steps` SGD steps on the support set, return query accuracy."""
+    """Meta-test protocol (paper §4) on one task: adapt `steps` SGD steps on the support set, return query accuracy."""
     adapted = inner_adapt(model, params, x_s, y_s, steps, lr, first_order=True)
     return accuracy(functional_call(model, adapted, (x_q,)), y_q)
 
 
 def meta_test(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, lr=INNER_LR,
               vectorize=True):
-    """Meta-test protocol (SPEC §2): query accuracy of each task in a chunk [T, ...] after test-time
+    """Meta-test protocol (paper §4): query accuracy of each task in a chunk [T, ...] after test-time
     adaptation; returns [T]."""
     params = {k: v.detach() for k, v in params.items()}
 

@@ -1,7 +1,7 @@
 """Networks of FREE: the Conv4 meta-learner and teachers, few-shot ResNet-10/18 teachers, and the
 meta-generator of supplement Table 1.
 
-Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024 (SPEC.md §2).
+Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024, §4 (backbones) and supplement Table 1 (generator).
 
 Every network takes images in [0, 1] and applies its own input normalisation (buffers `mean`,
 `std`), so recovered images (a Sigmoid output) and real images are fed the same way, and the
@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CONV4_FILTERS = 32  # Conv4 width (SPEC §2 "Architectures": 32 filters per block)
-RESNET_WIDTHS = (64, 128, 256, 512)  # few-shot ResNet stage widths (SPEC §2)
+CONV4_FILTERS = 32  # Conv4 width (paper §4: Conv4 with 32 filters per block)
+RESNET_WIDTHS = (64, 128, 256, 512)  # few-shot ResNet stage widths (paper §4 multi-architecture setting)
 RESNET_BLOCKS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2)}  # basic blocks per stage
 D_Z = 256  # d_z, latent size of the generator (supplement Table 1)
 NF = 64  # nf, generator base width (supplement Table 1)
@@ -65,7 +65,7 @@ class BatchStatNorm2d(nn.Module):
 
 
 def conv_block(c_in, c_out, track_running_stats):
-    """One Conv4 block (SPEC §2 "Architectures"): Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool 2x2."""
+    """One Conv4 block (paper §4; Vinyals et al. 2016): Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool 2x2."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1),
         nn.BatchNorm2d(c_out) if track_running_stats else BatchStatNorm2d(c_out),
@@ -75,7 +75,7 @@ def conv_block(c_in, c_out, track_running_stats):
 
 
 class Conv4(nn.Module):
-    """Conv4 (SPEC §2): four [Conv 3x3, 32 filters -> BN -> ReLU -> MaxPool 2x2] blocks, then a
+    """Conv4 (paper §4): four [Conv 3x3, 32 filters -> BN -> ReLU -> MaxPool 2x2] blocks, then a
     linear head. Works for any image size: 28 -> 1x1, 32 -> 2x2, 84 -> 5x5 spatial features.
 
     `track_running_stats=False` (the meta-learner) makes BatchNorm use batch statistics in both
@@ -111,7 +111,7 @@ class Conv4(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block (SPEC §2 "Architectures"): two 3x3 convs with BN, identity or 1x1-conv shortcut."""
+    """ResNet basic block (He et al. 2016): two 3x3 convs with BN, identity or 1x1-conv shortcut."""
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
@@ -131,7 +131,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Few-shot ResNet (SPEC §2): 3x3 stem, four stages of basic blocks of 64/128/256/512 channels
+    """Few-shot ResNet (paper §4 multi-architecture setting): 3x3 stem, four stages of basic blocks of 64/128/256/512 channels
     (strides 1, 2, 2, 2), global average pool, linear head."""
 
     def __init__(self, depth="resnet18", num_classes=5, in_channels=3, image_size=32, mean=None,
@@ -164,12 +164,12 @@ class ResNet(nn.Module):
 
 
 def ResNet10(**kwargs):
-    """Few-shot ResNet-10, [1, 1, 1, 1] basic blocks (SPEC §2, multi-architecture zoo)."""
+    """Few-shot ResNet-10, [1, 1, 1, 1] basic blocks (paper §4, multi-architecture zoo)."""
     return ResNet("resnet10", **kwargs)
 
 
 def ResNet18(**kwargs):
-    """Few-shot ResNet-18, [2, 2, 2, 2] basic blocks (SPEC §2, multi-architecture zoo)."""
+    """Few-shot ResNet-18, [2, 2, 2, 2] basic blocks (paper §4, multi-architecture zoo)."""
     return ResNet("resnet18", **kwargs)
 
 
@@ -177,7 +177,7 @@ ARCHS = ("conv4", "resnet10", "resnet18")
 
 
 def build_model(arch, **kwargs):
-    """Build a classifier by name: 'conv4', 'resnet10' or 'resnet18' (SPEC §2 "Architectures")."""
+    """Build a classifier by name: 'conv4', 'resnet10' or 'resnet18' (paper §4)."""
     if arch == "conv4":
         return Conv4(**kwargs)
     if arch in RESNET_BLOCKS:

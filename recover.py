@@ -2,7 +2,7 @@
 meta-learned generator, meta-update the generator (first-order), and keep every recovered task in a
 memory bank for cross-task replay.
 
-Paper: Wei et al., CVPR 2024, §3.2, Eq. (1), supplement Table 1 (SPEC.md §2 "FIVE").
+Paper: Wei et al., CVPR 2024, §3.2, Eq. (1), supplement Table 1 and implementation details.
 
 Differences from the authors' code:
 - the meta-generator's Adam persists across rounds (theirs is recreated every round);
@@ -10,7 +10,7 @@ Differences from the authors' code:
 - L_adv is a true KL on log-probabilities (theirs feeds probabilities to F.kl_div);
 - recovered images stay in memory as uint8 tensors (theirs writes PNGs; the quantisation is the same);
 - no "best image" selection (theirs has one that never selects): every recovered image is kept, as
-  SPEC §2 describes the memory bank (a working teacher-agreement filter lowered the accuracy of the
+  the paper describes the memory bank (a working teacher-agreement filter lowered the accuracy of the
   quick Omniglot 1-shot run in our one comparison).
 """
 import copy
@@ -23,14 +23,14 @@ from torch.func import functional_call
 
 from models import NF, Generator
 
-K = 5  # k, generator adaptation steps per teacher (SPEC §2)
-GEN_LR = 1e-3  # lr of the inner Adam on (theta_G', Z) and of the meta-generator's Adam (SPEC §2)
-GEN_BETAS = (0.5, 0.999)  # Adam betas of the generator optimisers (authors' default, SPEC §5)
-IMAGES_PER_CLASS = 20  # rows of Z per class: 100 for a 5-way teacher (SPEC §2)
-LAMBDA_ADV = 1.0  # lambda_adv of Eq. (1) (SPEC §2)
-AUG_PAD = 4  # A(.): random-crop padding (SPEC §2)
-BANK_CAP = 400  # memory-bank FIFO cap per class: 20 batches of 20 images (SPEC §2)
-SCRATCH_STEPS = 200  # from-scratch inversion steps of BiDf-MKD, the speed-up baseline (SPEC §4)
+K = 5  # k, generator adaptation steps per teacher (paper §3.2: 5)
+GEN_LR = 1e-3  # lr of the inner Adam on (theta_G', Z) and of the meta-generator's Adam (supplement: 1e-3)
+GEN_BETAS = (0.5, 0.999)  # Adam betas of the generator optimisers (authors' code default)
+IMAGES_PER_CLASS = 20  # rows of Z per class: 100 for a 5-way teacher (authors' code default)
+LAMBDA_ADV = 1.0  # lambda_adv of Eq. (1) (authors' code default)
+AUG_PAD = 4  # A(.): random-crop padding (authors' code: RandomCrop padding 4)
+BANK_CAP = 400  # memory-bank FIFO cap per class: 20 batches of 20 images (authors' code default)
+SCRATCH_STEPS = 200  # from-scratch inversion steps of BiDf-MKD, the speed-up baseline (paper §4)
 
 
 def augment(x, pad=AUG_PAD, flip=True, generator=None):
@@ -84,7 +84,7 @@ class RecoveredTask:
     x: torch.Tensor  # [way * n, C, H, W] recovered images in [0, 1]
     y: torch.Tensor  # [way * n] the teacher's local labels Y
     teacher_logits: torch.Tensor  # [way * n, way] M_i(x), soft labels for KD
-    teacher_acc: float  # M_i's accuracy on x (the weak yardstick, SPEC §6)
+    teacher_acc: float  # M_i's accuracy on x (the weak yardstick; see bench.py)
     meta_grad: list  # first-order gradient of L_G at the adapted theta_G' (None if not asked)
     seconds: float
 
@@ -167,12 +167,12 @@ class MetaGenerator:
 
 
 def to_uint8(x):
-    """[0, 1] float -> uint8 for the memory bank (SPEC §2; the quantisation a PNG round trip would apply)."""
+    """[0, 1] float -> uint8 for the memory bank (the quantisation a PNG round trip would apply)."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class MemoryBank:
-    """Memory bank of FIVE (SPEC §2): recovered images keyed by global class id (from the teacher's
+    """Memory bank of FIVE (paper §3.2): recovered images keyed by global class id (from the teacher's
     label list), FIFO-capped per class. Samples N-way K-shot Q-query tasks whose classes may come
     from different teachers (cross-task replay), relabelled 0..N-1."""
 
@@ -181,7 +181,7 @@ class MemoryBank:
         self.images = {}  # global class id -> uint8 [n <= cap, C, H, W], oldest first
 
     def add(self, x, y, classes):
-        """Memory bank (SPEC §2): store recovered images x [M, C, H, W] with local labels y under global
+        """Memory bank (paper §3.2): store recovered images x [M, C, H, W] with local labels y under global
         ids classes[y]."""
         x = to_uint8(x.detach()).cpu()
         for local, cls in enumerate(classes):
@@ -198,11 +198,11 @@ class MemoryBank:
         return sorted(c for c, v in self.images.items() if v.shape[0] >= min_images)
 
     def can_sample(self, way, shot, query):
-        """Whether `way` classes hold at least shot + query images each (cross-task replay, SPEC §2)."""
+        """Whether `way` classes hold at least shot + query images each (cross-task replay, paper §3.3)."""
         return len(self.classes(min_images=shot + query)) >= way
 
     def sample_tasks(self, n_tasks, way, shot, query, generator, device="cpu"):
-        """Cross-task replay tasks (SPEC §2): T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot],
+        """Cross-task replay tasks (paper §3.3): T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot],
         x_q [T, way*query, ...], y_q; classes drawn without replacement from the whole bank, images
         without replacement within a class; labels relative, 0..way-1. Returns float images in [0, 1]
         on `device`."""

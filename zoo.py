@@ -1,4 +1,4 @@
-"""The teacher zoo of FREE (SPEC.md §2 "The model zoo"): pre-trained N-way classifiers, the only
+"""The teacher zoo of FREE (paper §4 setup): pre-trained N-way classifiers, the only
 thing data-free meta-learning gets to see.
 
 Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024, §4 setup and
@@ -33,7 +33,7 @@ from recover import augment
 ZOO_ARCHS = ARCHS + ("mix",)  # "mix": heterogeneous zoo, conv4/resnet10/resnet18 by i % 3
 MIX_DOMAINS = ("cifarfs", "miniimagenet", "cub")  # multi-domain zoo: domain of teacher i is i % 3
 AUGMENT_DATASETS = ("cifarfs", "miniimagenet", "cub", "mix")  # natural images: crop + flip
-CROP_PAD = 4  # random crop padding (standard CIFAR augmentation; SPEC §2 uses it in A(.))
+CROP_PAD = 4  # random crop padding (standard CIFAR augmentation; the authors' A(.) uses it too)
 EVAL_BATCH = 512  # held-out evaluation batch (memory only, no effect on results)
 MANIFEST = "manifest.json"
 
@@ -49,18 +49,18 @@ class Teacher:
 
 @dataclass
 class ZooSettings:
-    """Teacher training settings (SPEC §2 "The model zoo")."""
-    epochs: int = 60  # SPEC §2: 60 (CIFAR-FS, miniImageNet), 100 (CUB)
-    batch_size: int = 128  # SPEC §2
-    conv4_lr: float = 0.01  # SPEC §2: Adam for Conv4 teachers
-    resnet_lr: float = 0.01  # SPEC §2: SGD for ResNet-10/18 teachers
-    momentum: float = 0.9  # SPEC §2: SGD momentum (ResNets)
-    weight_decay: float = 5e-4  # SPEC §2: SGD weight decay (ResNets)
-    train_fraction: float = 0.8  # SPEC §2: 80% of each class trains, 20% measures
+    """Teacher training settings (supplement, implementation details; authors' code)."""
+    epochs: int = 60  # supplement: 60 (CIFAR-FS, miniImageNet), 100 (CUB)
+    batch_size: int = 128  # authors' code
+    conv4_lr: float = 0.01  # authors' code: Adam for Conv4 teachers
+    resnet_lr: float = 0.01  # authors' code: SGD for ResNet-10/18 teachers
+    momentum: float = 0.9  # authors' code: SGD momentum (ResNets)
+    weight_decay: float = 5e-4  # authors' code: SGD weight decay (ResNets)
+    train_fraction: float = 0.8  # ours: 80% of each class trains, 20% measures
     augment: bool = True  # random crop (pad 4) + flip, natural-image data sets only (ours)
 
 
-PAPER_EPOCHS = {"cub": 100}  # SPEC §2: Conv4 teachers train 100 epochs on CUB, 60 elsewhere
+PAPER_EPOCHS = {"cub": 100}  # supplement: Conv4 teachers train 100 epochs on CUB, 60 elsewhere
 # CPU quick preset (free.py's `quick`), tuned on Omniglot (build_zoo(load_dataset("omniglot", <folder of
 # images_background_small1.zip>), "conv4", n=40, way=5, seed=0, ...) with
 # torch.set_num_threads(1)): 98.0% mean held-out accuracy,
@@ -69,7 +69,7 @@ QUICK_SETTINGS = ZooSettings(epochs=20, batch_size=32)
 
 
 def paper_settings(dataset_name):
-    """The paper's teacher settings for `dataset_name` (SPEC §2)."""
+    """The paper's teacher settings for `dataset_name` (supplement)."""
     return ZooSettings(epochs=PAPER_EPOCHS.get(dataset_name, ZooSettings.epochs))
 
 
