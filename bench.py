@@ -96,15 +96,15 @@ def student_accuracy(x, teacher_logits, x_real, y_real, ds, seed):
 
 
 def trace_recovery(G, teacher, cfg, steps, ds, real, checkpoints=()):
-    """Recover with `steps` Adam steps from generator G, recording after every step the elapsed
-    recovery time and the teacher's accuracy on G(Z), and at `checkpoints` the student yardstick."""
+    """Recover with `steps` steps of Eq. (1) from generator G, recording for every step the elapsed
+    recovery time and the teacher's accuracy on that step's images, and at `checkpoints` the student
+    yardstick (row `s` describes the task that `recover_task(steps=s)` returns)."""
     trace, t0, traced = [], time.perf_counter(), [0.0]
     flip = ds.channels == 3
 
-    def after_step(step, G_, Z):
+    def after_step(step, x):
         t_cb = time.perf_counter()
         with torch.no_grad():
-            x = G_(Z)
             logits = teacher(x)
         row = {"step": step, "seconds": t_cb - t0 - traced[0],
                "teacher_acc": (logits.argmax(1) == recover.labels_Y(cfg.way, cfg.n_per_class, x.device)).float().mean().item()}

@@ -33,9 +33,10 @@ import maml
 import recover
 from data import DATASETS, load_dataset, sample_tasks
 from models import ARCHS, Conv4, Generator
-from zoo import QUICK_SETTINGS, build_zoo, paper_settings
+from zoo import QUICK_SETTINGS, build_zoo, mirror_invariant, paper_settings
 
 METHODS = ("free", "random", "average", "maml")
+BANK_FILTERS = ("all", "agree")  # --bank-filter choices
 TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and seed sees the same tasks
 VAL_TASK_SEED = 1234  # the meta-validation task seed (same val tasks at every evaluation)
 PROJECTION_ROUNDS = 3  # after this many post-warm-up rounds on the CPU, print the projected time
@@ -56,6 +57,9 @@ class Config:
     recover_steps: int = recover.SCRATCH_STEPS  # steps from scratch with --no-meta-generator (BiDf-MKD: 200)
     no_align: bool = False  # ablation: independent KD steps instead of Eq. (3)'s sequential ones
     hard_labels: bool = False  # ablation: CE on recovered labels instead of KD (supplement Table 2)
+    theta_tilde_opt: str = "adam"  # optimizer of theta_tilde in Eq. (3): adam (supplement, authors) / sgd (Lemma 1)
+    no_kd_augment: bool = False  # KD on the recovered images as they are, not through A(.) (authors augment them)
+    bank_filter: str = "all"  # memory bank keeps: all recovered images / those the teacher labels as Y ("agree", ours)
     first_order: bool = False  # FOMAML replay instead of second-order MAML
     teacher_arch: str = "conv4"  # zoo architecture: conv4 / resnet10 / resnet18 / mix
     preset: str = "paper"  # paper / quick / smoke: counts only, never the algorithm
@@ -99,7 +103,7 @@ PRESETS = {
     "paper": {},  # the Config defaults are the paper's
     # a CPU run of a few minutes on Omniglot (README "Presets" gives its measured time)
     "quick": dict(n_teachers=40, zoo_epochs=QUICK_SETTINGS.epochs, zoo_batch=QUICK_SETTINGS.batch_size, rounds=60,
-                  warmup=5, nf=32, replay_patience=10, max_replay=4, eval_every=20, val_tasks=100, save_every=10,
+                  warmup=10, nf=16, replay_patience=2, max_replay=4, eval_every=20, val_tasks=200, save_every=10,
                   recover_steps=20),
     # seconds, for CI and tests
     "smoke": dict(n_teachers=3, zoo_epochs=2, zoo_batch=32, rounds=3, warmup=1, B=2, nf=8, meta_batch=2,
@@ -117,7 +121,8 @@ def parse_args(argv=None):
     """Build argparse from Config; the preset fills counts the user did not set."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     choices = dict(dataset=DATASETS, method=METHODS, teacher_arch=ARCHS + ("mix",),
-                   preset=tuple(PRESETS), device=("auto", "cpu", "cuda"), shots=(1, 5))
+                   preset=tuple(PRESETS), device=("auto", "cpu", "cuda"), shots=(1, 5),
+                   theta_tilde_opt=maml.THETA_TILDE_OPTIMIZERS, bank_filter=BANK_FILTERS)
     comments = field_comments()
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -154,8 +159,11 @@ def run_name(cfg):
 
 
 def ablations(cfg):
-    names = ["no_meta_generator", "no_align", "hard_labels", "first_order"]
-    return [n.replace("_", "-") for n in names if getattr(cfg, n)]
+    names = ["no_meta_generator", "no_align", "hard_labels", "first_order", "no_kd_augment"]
+    out = [n.replace("_", "-") for n in names if getattr(cfg, n)]
+    defaults = Config()
+    return out + [f"{n.replace('_', '-')}-{getattr(cfg, n)}" for n in ("theta_tilde_opt", "bank_filter")
+                  if getattr(cfg, n) != getattr(defaults, n)]
 
 
 def pick_device(name):
@@ -344,7 +352,7 @@ class Trainer:
         meta-update theta_G. Returns the recovered tasks."""
         cfg = self.cfg
         student = None if warm else (self.model, maml.detached_params(self.model))  # no L_adv in warm-up
-        flip = self.ds.channels == 3  # handwriting is not mirror-invariant: no flips on Omniglot
+        flip = mirror_invariant(self.ds)
         tasks = []
         for t in teachers:
             if cfg.no_meta_generator:
@@ -358,6 +366,15 @@ class Trainer:
         if not cfg.no_meta_generator:
             self.meta_gen.meta_update([r.meta_grad for r in tasks])
         return tasks
+
+    def kd_task(self, r, teacher):
+        """A recovered task as KD sees it: (A(x), Y, M_i(A(x))), teacher and student on the same augmented
+        images, as the authors' code does; (x, Y, M_i(x)) with --no-kd-augment."""
+        if self.cfg.no_kd_augment:
+            return r.x, r.y, r.teacher_logits
+        x = recover.augment(r.x, flip=mirror_invariant(self.ds))
+        with torch.no_grad():
+            return x, r.y, teacher.model(x)
 
     def replay(self):
         """Cross-task replay: MAML meta-batches from the memory bank (or, for `maml`, from the real
@@ -405,10 +422,12 @@ class Trainer:
             if warm:
                 return row
             for r, t in zip(tasks, chosen):  # every recovered task; authors' code stores only the last
-                self.bank.add(r.x, r.y, t.classes)
-            kd_tasks = [(r.x, r.y, r.teacher_logits) for r in tasks]
+                keep = r.teacher_logits.argmax(1) == r.y if cfg.bank_filter == "agree" else slice(None)
+                self.bank.add(r.x[keep], r.y[keep], t.classes)
+            kd_tasks = [self.kd_task(r, t) for r, t in zip(tasks, chosen)]
             g, kd = maml.align_meta_gradient(self.model, maml.detached_params(self.model), kd_tasks, cfg.alpha,
-                                             cfg.tau, cfg.hard_labels, align=not cfg.no_align)
+                                             cfg.tau, cfg.hard_labels, align=not cfg.no_align,
+                                             optimizer=cfg.theta_tilde_opt)
             check_finite(kd, "KD loss (Eq. 3)", self.round)
             maml.apply_meta_gradient(self.model, self.opt, g)
             row.update(kd=kd.item(), bank=len(self.bank))

@@ -109,36 +109,53 @@ def distill_loss(model, params, task, tau=TAU, hard_labels=False):
 def reptile_scale(alpha, n_tasks):
     """The documented scale of Eq. (3)'s outer step: (theta - theta_tilde) / (alpha * B).
 
-    After B sequential SGD steps of size alpha, theta - theta_tilde is alpha times a sum of B
-    task gradients; dividing by alpha * B makes the meta-gradient the size of one averaged task
-    gradient, so the outer Adam's lr means what it means for an ordinary gradient."""
+    After B sequential steps of size alpha, theta - theta_tilde is alpha times a sum of B
+    per-step directions (task gradients for SGD, Adam's normalised moments for Adam); dividing by
+    alpha * B makes the meta-gradient the size of one averaged step direction, so the outer Adam's
+    lr means what it means for an ordinary gradient. (The authors' code multiplies by a bare 67.)"""
     return 1.0 / (alpha * n_tasks)
 
 
-def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=False, align=True):
+THETA_TILDE_OPTIMIZERS = ("adam", "sgd")  # who steps theta_tilde in Eq. (3): supplement/authors' Adam, or Lemma 1's SGD
+
+
+def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=False, align=True, optimizer="adam"):
     """Implicit gradient alignment, Eq. (3):
 
-        theta_tilde <- theta;  for j = 1..B:  theta_tilde <- theta_tilde - alpha * grad L_KD(T_j; theta_tilde)
+        theta_tilde <- theta;  for j = 1..B:  theta_tilde <- theta_tilde - alpha * step(grad L_KD(T_j; theta_tilde))
         meta-gradient g = (theta - theta_tilde) / (alpha * B)
 
-    Sequential steps make g contain -alpha * grad(grad L_i . grad L_j) terms (Lemma 1 /
-    Theorem 1), i.e. the update also raises the alignment of different tasks' gradients.
-    `align=False` is the `--no-align` ablation: every step starts from theta (independent KD steps),
-    so g is the plain averaged KD gradient. Returns (g as a dict, mean task loss)."""
+    `optimizer` takes the steps: "adam" (the supplement: "the cloned meta-learner parameters are
+    optimized ... with an inner loop learning rate set at 0.001"; the authors' code uses a fresh
+    Adam each round) or "sgd" (step = the gradient itself: Lemma 1's setting). With SGD the
+    sequential steps make g contain -alpha * grad(grad L_i . grad L_j) terms (Lemma 1 / Theorem 1),
+    i.e. the update also raises the alignment of different tasks' gradients.
+    `align=False` is the `--no-align` ablation: every task's step starts from theta with a fresh
+    optimizer (independent KD steps), so for SGD g is the plain averaged KD gradient.
+    Each task is (x, y, teacher_logits). Returns (g as a dict, mean task loss)."""
+    if optimizer not in THETA_TILDE_OPTIMIZERS:
+        raise ValueError(f"theta_tilde optimizer must be one of {THETA_TILDE_OPTIMIZERS}, got {optimizer!r}")
     theta = {k: v.detach() for k, v in params.items()}
-    theta_tilde, losses, total = dict(theta), [], {k: torch.zeros_like(v) for k, v in theta.items()}
+
+    def fresh_clone():
+        clone = {k: v.clone().requires_grad_() for k, v in theta.items()}  # theta_tilde = theta
+        opt = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        return clone, opt(clone.values(), lr=alpha)
+
+    theta_tilde, opt = fresh_clone()
+    losses, total = [], {k: torch.zeros_like(v) for k, v in theta.items()}
     for task in tasks:
-        start = {k: v.detach().requires_grad_() for k, v in (theta_tilde if align else theta).items()}
-        loss = distill_loss(model, start, task, tau, hard_labels)
-        g = torch.autograd.grad(loss, list(start.values()))
-        stepped = {k: start[k].detach() - alpha * gk for k, gk in zip(start, g)}
+        if not align:
+            theta_tilde, opt = fresh_clone()  # independent: every step starts from theta
+        loss = distill_loss(model, theta_tilde, task, tau, hard_labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(theta_tilde.values()))
+        opt.step()
         losses.append(loss.detach())
-        if align:
-            theta_tilde = stepped
-        else:
-            total = {k: total[k] + theta[k] - stepped[k] for k in theta}
+        if not align:
+            total = {k: total[k] + theta[k] - theta_tilde[k].detach() for k in theta}
     if align:
-        total = {k: theta[k] - theta_tilde[k] for k in theta}
+        total = {k: theta[k] - theta_tilde[k].detach() for k in theta}
     scale = reptile_scale(alpha, len(tasks))
     return {k: scale * v for k, v in total.items()}, torch.stack(losses).mean()
 

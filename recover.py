@@ -73,7 +73,9 @@ def inversion_loss(teacher, x, y, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_P
     loss = F.cross_entropy(teacher_logits, y)
     if student is not None and lambda_adv > 0:
         model, params = student
-        loss = loss + lambda_adv * adversarial_loss(teacher_logits, functional_call(model, params, (xa,)))
+        with torch.no_grad():  # as the authors' code: f_theta(x) is a fixed target, no gradient to x through it
+            student_logits = functional_call(model, params, (xa,))
+        loss = loss + lambda_adv * adversarial_loss(teacher_logits, student_logits)
     return loss
 
 
@@ -97,12 +99,12 @@ def labels_Y(way, n_per_class, device):
 def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, lr=GEN_LR,
                  betas=GEN_BETAS, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True,
                  meta_grad=True, after_step=None):
-    """Recover teacher M_i's task: theta_G' <- theta_G, a fresh Z ~ N(0, I), then `steps` Adam
-    steps on (theta_G', Z) jointly minimising Eq. (1). Finally evaluate L_G once more at the
-    adapted theta_G' for the first-order meta-gradient (FOMAML) and return the images
-    x = G(Z; theta_G'), their labels Y and the teacher's soft labels.
-    `after_step(step, G, Z)`, if given, is called after each step (bench.py traces quality with it;
-    its own time is not counted in `seconds`)."""
+    """Recover teacher M_i's task: theta_G' <- theta_G, a fresh Z ~ N(0, I), then k = `steps`
+    evaluations of Eq. (1), each but the last followed by an Adam step on (theta_G', Z) jointly.
+    The k-th evaluation's images x = G(Z; theta_G') are the recovered task (returned with their
+    labels Y and the teacher's soft labels) and its gradient w.r.t. theta_G' is the first-order
+    meta-gradient (FOMAML). `after_step(step, x)`, if given, sees each step's images (bench.py
+    traces quality with it; its own time is not counted in `seconds`)."""
     t0 = time.perf_counter()
     device = next(theta_G.parameters()).device
     G = copy.deepcopy(theta_G)  # theta_G' = theta_G
@@ -110,22 +112,25 @@ def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, l
     Y = labels_Y(way, n_per_class, device)
     params = list(G.parameters())
     opt = torch.optim.Adam(params + [Z], lr=lr, betas=betas)
-    traced = 0.0
+    traced, grads = 0.0, None
+    x = None
     for step in range(1, steps + 1):
-        opt.zero_grad(set_to_none=True)
-        loss = inversion_loss(teacher, G(Z), Y, student, lambda_adv, pad, flip)
-        loss.backward(inputs=params + [Z])
-        opt.step()
+        x = G(Z)  # [way * n, C, H, W]
+        loss = inversion_loss(teacher, x, Y, student, lambda_adv, pad, flip)
+        if step < steps:
+            opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=params + [Z])
+            opt.step()
+        elif meta_grad:
+            # as the authors' code: the k-th gradient is the meta-gradient, and x the task (no extra L_G pass)
+            grads = [g.detach() for g in torch.autograd.grad(loss, params)]
         if after_step is not None:
             t_cb = time.perf_counter()
-            after_step(step, G, Z)
+            after_step(step, x.detach())
             traced += time.perf_counter() - t_cb
-    grads = None
-    with torch.enable_grad():
-        x = G(Z)
-        if meta_grad:
-            loss = inversion_loss(teacher, x, Y, student, lambda_adv, pad, flip)
-            grads = [g.detach() for g in torch.autograd.grad(loss, params)]
+    if x is None:  # steps = 0: the meta-generator's images as they are
+        with torch.no_grad():
+            x = G(Z)
     x = x.detach()
     with torch.no_grad():
         t_logits = teacher(x)

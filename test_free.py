@@ -134,40 +134,74 @@ def test_first_order_equals_second_order_minus_hessian_term():
     assert (so - fo).abs().max() > 1e-4  # the Hessian term is not negligible here
 
 
+def two_kd_tasks(seeds=(5, 6)):
+    """Two recovered-task stand-ins (x, y, teacher_logits) for the TinyNet, float64."""
+    tasks = []
+    for s in seeds:
+        x, y = tiny_task(seed=s)
+        tasks.append((x, y, torch.randn(x.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(s))))
+    return tasks
+
+
+def kd_grad(net, p, task):
+    """grad_theta L_KD(T; theta) at p (leaves that require grad), flat, with the graph kept (for
+    Hessian-vector products)."""
+    return flat_grad(maml.distill_loss(net, p, task), p)
+
+
+def flat(d):
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
 def test_lemma1_error_is_second_order_in_alpha():
-    """Lemma 1: with theta_tilde = theta - alpha grad L_j(theta),
-    grad_theta L_i(theta_tilde) = grad L_i - alpha H_i grad L_j + O(alpha^2).
-    The remainder must shrink about 4x when alpha halves."""
+    """Lemma 1, through Eq. (3) as implemented (SGD steps on theta_tilde, tasks T_j then T_i):
+    g = (theta - theta_tilde) / (2 alpha) = (grad L_j(theta) + grad L_i(theta - alpha grad L_j)) / 2, and
+    grad L_i(theta - alpha grad L_j) = grad L_i - alpha H_i grad L_j + O(alpha^2).
+    So r(alpha) = |2 g - g_j - (g_i - alpha H_i g_j)| is O(alpha^2): it must shrink about 4x when alpha halves."""
     net = TinyNet()
     theta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
-    (xi, yi), (xj, yj) = tiny_task(seed=5), tiny_task(seed=6)
-    L = lambda p, x, y: F.cross_entropy(functional_call(net, p, (x,)), y)
-    g_i, g_j = flat_grad(L(theta, xi, yi), theta), flat_grad(L(theta, xj, yj), theta)
+    T_j, T_i = two_kd_tasks()
+    g_i, g_j = kd_grad(net, theta, T_i), kd_grad(net, theta, T_j)
     H_i_g_j = torch.cat([h.reshape(-1) for h in torch.autograd.grad(g_i @ g_j.detach(), list(theta.values()))])
 
     def remainder(alpha):
-        shapes = [v.shape for v in theta.values()]
-        step = torch.split(g_j.detach(), [s.numel() for s in shapes])
-        tilde = {k: (v - alpha * s.view(v.shape)).detach().requires_grad_()
-                 for (k, v), s in zip(theta.items(), step)}
-        lhs = flat_grad(L(tilde, xi, yi), tilde)  # grad of L_i evaluated at theta_tilde
-        return (lhs - (g_i - alpha * H_i_g_j)).norm().item()
+        g, _ = maml.align_meta_gradient(net, theta, [T_j, T_i], alpha=alpha, optimizer="sgd")
+        return (2 * flat(g) - g_j.detach() - (g_i - alpha * H_i_g_j).detach()).norm().item()
 
     r = [remainder(a) for a in (0.1, 0.05, 0.025)]
     for big, small in zip(r, r[1:]):
         assert 3.3 < big / small < 4.7, r
 
 
+def test_theorem1_both_orders_ascend_the_gradient_inner_product():
+    """Theorem 1: averaged over the two task orders, Eq. (3) with SGD gives
+    g(ij) + g(ji) = g_i + g_j - (alpha / 2) grad(g_i . g_j) + O(alpha^2),
+    i.e. a descent step on it raises the alignment g_i . g_j. grad(g_i . g_j) is computed
+    independently, by differentiating the inner product; the remainder must shrink ~4x as alpha halves."""
+    net = TinyNet()
+    theta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    T_i, T_j = two_kd_tasks((3, 4))
+    g_i, g_j = kd_grad(net, theta, T_i), kd_grad(net, theta, T_j)
+    grad_dot = torch.cat([h.reshape(-1) for h in torch.autograd.grad(g_i @ g_j, list(theta.values()))])
+
+    def remainder(alpha):
+        g_ij, _ = maml.align_meta_gradient(net, theta, [T_i, T_j], alpha=alpha, optimizer="sgd")
+        g_ji, _ = maml.align_meta_gradient(net, theta, [T_j, T_i], alpha=alpha, optimizer="sgd")
+        return (flat(g_ij) + flat(g_ji) - (g_i + g_j - alpha / 2 * grad_dot).detach()).norm().item()
+
+    r = [remainder(a) for a in (0.1, 0.05, 0.025)]
+    assert r[0] > 1e-6  # the alignment term is really there to be matched
+    for big, small in zip(r, r[1:]):
+        assert 3.3 < big / small < 4.7, r
+
+
 def test_eq3_meta_gradient_is_sequential_and_no_align_is_the_mean_gradient():
-    """Two tasks, B = 2: Eq. (3) steps theta_1 = theta - a g_1(theta), theta_2 = theta_1 - a g_2(theta_1),
+    """Two tasks, B = 2, SGD: Eq. (3) steps theta_1 = theta - a g_1(theta), theta_2 = theta_1 - a g_2(theta_1),
     so (theta - theta_2) / (2a) = (g_1(theta) + g_2(theta_1)) / 2; without alignment both steps start
     at theta: (g_1(theta) + g_2(theta)) / 2."""
     net, a = TinyNet(), 0.2
     theta = {k: v.detach().clone() for k, v in net.named_parameters()}
-    tasks = []
-    for s in (7, 8):
-        x, y = tiny_task(seed=s)
-        tasks.append((x, y, torch.randn(x.shape[0], 3, dtype=torch.float64)))
+    tasks = two_kd_tasks((7, 8))
 
     def g(p, task):
         p = {k: v.clone().requires_grad_() for k, v in p.items()}
@@ -176,12 +210,43 @@ def test_eq3_meta_gradient_is_sequential_and_no_align_is_the_mean_gradient():
     g1 = g(theta, tasks[0])
     theta_1 = {k: theta[k] - a * g1[k] for k in theta}
     g2_seq, g2_ind = g(theta_1, tasks[1]), g(theta, tasks[1])
-    aligned, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a)
-    independent, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, align=False)
+    aligned, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, optimizer="sgd")
+    independent, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, align=False, optimizer="sgd")
     for k in theta:
         torch.testing.assert_close(aligned[k], (g1[k] + g2_seq[k]) / 2)
         torch.testing.assert_close(independent[k], (g1[k] + g2_ind[k]) / 2)
     assert any((aligned[k] - independent[k]).abs().max() > 1e-6 for k in theta)
+
+
+def test_eq3_with_adam_follows_two_hand_written_adam_steps():
+    """Eq. (3) with the supplement's Adam (betas 0.9, 0.999, eps 1e-8), B = 2, written out by hand:
+    step 1: m = 0.1 g1, v = 0.001 g1^2, m_hat = g1, v_hat = g1^2 -> theta_1 = theta - a g1 / (|g1| + eps);
+    step 2 (g2 at theta_1): m = 0.09 g1 + 0.1 g2, v = 0.000999 g1^2 + 0.001 g2^2,
+    m_hat = m / (1 - 0.81), v_hat = v / (1 - 0.998001) -> theta_2 = theta_1 - a m_hat / (sqrt(v_hat) + eps);
+    meta-gradient (theta - theta_2) / (2a). Without alignment, each task takes its own first Adam step from theta."""
+    net, a, eps = TinyNet(), 0.01, 1e-8
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+    tasks = two_kd_tasks((7, 8))
+
+    def g(p, task):
+        p = {k: v.clone().requires_grad_() for k, v in p.items()}
+        return dict(zip(p, torch.autograd.grad(maml.distill_loss(net, p, task), list(p.values()))))
+
+    g1 = g(theta, tasks[0])
+    theta_1 = {k: theta[k] - a * g1[k] / (g1[k].abs() + eps) for k in theta}
+    g2 = g(theta_1, tasks[1])
+    theta_2 = {}
+    for k in theta:
+        m_hat = (0.09 * g1[k] + 0.1 * g2[k]) / (1 - 0.9 ** 2)
+        v_hat = (0.999 * 0.001 * g1[k] ** 2 + 0.001 * g2[k] ** 2) / (1 - 0.999 ** 2)
+        theta_2[k] = theta_1[k] - a * m_hat / (v_hat.sqrt() + eps)
+    aligned, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, optimizer="adam")
+    g2_0 = g(theta, tasks[1])
+    independent, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, align=False, optimizer="adam")
+    for k in theta:
+        torch.testing.assert_close(aligned[k], (theta[k] - theta_2[k]) / (2 * a))
+        sign_steps = g1[k] / (g1[k].abs() + eps) + g2_0[k] / (g2_0[k].abs() + eps)
+        torch.testing.assert_close(independent[k], sign_steps / 2)
 
 
 def test_vmapped_meta_batch_matches_per_task_loop():
@@ -240,9 +305,25 @@ def test_adversarial_mask_keeps_only_agreeing_samples():
 
 
 def test_augment_is_a_shift_within_padding_and_keeps_gradients():
-    x = torch.rand(16, 3, 8, 8, requires_grad=True)
-    out = recover.augment(x, pad=2, flip=False)
+    """A(.): every output is the zero-padded input cropped at some offset in [0, 2 pad] (and maybe mirrored);
+    over 200 images the offsets really vary and about half are mirrored; gradients reach the input."""
+    pad, n, H = 2, 200, 8
+    x = torch.rand(n, 1, H, H, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    out = recover.augment(x, pad=pad, flip=True, generator=g)
     assert out.shape == x.shape
+    padded = F.pad(x.detach(), [pad] * 4)
+    offsets, flips = set(), 0
+    for i in range(n):
+        found = [(di, dj, f) for di in range(2 * pad + 1) for dj in range(2 * pad + 1) for f in (False, True)
+                 if torch.equal(out[i].detach(), (lambda c: c.flip(2) if f else c)(padded[i, :, di:di + H, dj:dj + H]))]
+        assert found, f"image {i} is not a crop of its padded input"
+        offsets.add(found[0][:2])
+        flips += found[0][2]
+    assert len(offsets) > 10  # not a fixed crop (a no-op is the single offset (pad, pad))
+    assert 60 < flips < 140  # mirrored with probability 1/2
+    no_flip = recover.augment(x, pad=pad, flip=False, generator=g)
+    assert not torch.equal(no_flip, x)
     out.sum().backward()
     assert x.grad is not None and x.grad.max() <= 1.0
     assert torch.allclose(recover.augment(x, pad=0, flip=False), x)
@@ -281,6 +362,42 @@ def test_k_recovery_steps_raise_teacher_accuracy(tiny_zoo):
     assert after.teacher_acc > before.teacher_acc + 0.3
     assert after.x.shape == (50, NC, SIZE, SIZE) and after.teacher_logits.shape == (50, WAY)
     assert len(after.meta_grad) == len(list(G.parameters()))
+
+
+def test_recovery_leaves_the_teachers_batchnorm_statistics_unchanged(tiny_zoo):
+    """Recovery only reads the teacher: its BatchNorm running statistics (and weights) stay as trained,
+    with L_adv on (a meta-learner present) and without."""
+    teacher = tiny_zoo[0]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    student = Conv4(WAY, NC, SIZE, track_running_stats=False)
+    for s in (None, (student, maml.detached_params(student))):
+        recover.recover_task(Generator(SIZE, NC, nf=NF_TINY), teacher, WAY, steps=3, n_per_class=4, flip=False,
+                             student=s)
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_recover_task_returns_the_kth_steps_images_and_gradient(tiny_zoo):
+    """k evaluations of Eq. (1): k - 1 Adam steps, then the k-th gradient is the meta-gradient at the
+    images returned (no extra pass). Checked against a hand-written loop with the same random draws."""
+    G, teacher, k, n, lr = Generator(SIZE, NC, nf=NF_TINY), tiny_zoo[1], 3, 4, 0.01
+    torch.manual_seed(11)
+    r = recover.recover_task(G, teacher, WAY, steps=k, n_per_class=n, lr=lr, flip=False)
+    torch.manual_seed(11)
+    G2 = copy.deepcopy(G)
+    Z = torch.randn(WAY * n, G2.d_z, requires_grad=True)
+    Y = recover.labels_Y(WAY, n, "cpu")
+    opt = torch.optim.Adam(list(G2.parameters()) + [Z], lr=lr, betas=recover.GEN_BETAS)
+    for _ in range(k - 1):
+        opt.zero_grad()
+        recover.inversion_loss(teacher, G2(Z), Y, flip=False).backward()
+        opt.step()
+    x = G2(Z)
+    grads = torch.autograd.grad(recover.inversion_loss(teacher, x, Y, flip=False), list(G2.parameters()))
+    torch.testing.assert_close(r.x, x.detach())
+    for a, b in zip(r.meta_grad, grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_meta_generator_recovers_unseen_teacher_better_than_fresh_generator(tiny_zoo):
@@ -351,6 +468,21 @@ def test_memory_bank_tasks_have_relative_labels_and_mix_teachers():
     assert (cls_q == cls_s[:, :, None]).all()
     teachers_per_task = [len(set((x_s[t, :, 0, 0, 0] * 10).round().tolist())) for t in range(50)]
     assert max(teachers_per_task) > 1  # cross-task replay mixes teachers
+
+
+def test_memory_bank_task_support_and_query_images_are_disjoint():
+    """Every stored image is unique (its index is written into its pixels); within a task no support
+    image may reappear among the queries (sampling without replacement within a class)."""
+    bank = recover.MemoryBank()
+    y = torch.arange(5).repeat_interleave(20)
+    idx = torch.arange(100, dtype=torch.float)
+    x = torch.stack([idx // 16, idx % 16], 1).view(100, 1, 1, 2) / 255  # exact in uint8
+    bank.add(x, y, [0, 1, 2, 3, 4])
+    x_s, _, x_q, _ = bank.sample_tasks(40, 5, 5, 15, torch.Generator().manual_seed(0))
+    for s_, q_ in zip(x_s, x_q):
+        ids_s = {tuple(v.tolist()) for v in s_.flatten(1)}
+        ids_q = {tuple(v.tolist()) for v in q_.flatten(1)}
+        assert len(ids_s) == 25 and len(ids_q) == 75 and not ids_s & ids_q
 
 
 # ---------------------------------------------------------------- evaluation

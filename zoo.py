@@ -28,12 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from models import ARCHS, build_model
-from recover import augment
+from recover import AUG_PAD, augment
 
 ZOO_ARCHS = ARCHS + ("mix",)  # "mix": heterogeneous zoo, conv4/resnet10/resnet18 by i % 3
 MIX_DOMAINS = ("cifarfs", "miniimagenet", "cub")  # multi-domain zoo: domain of teacher i is i % 3
-AUGMENT_DATASETS = ("cifarfs", "miniimagenet", "cub", "mix")  # natural images: crop + flip
-CROP_PAD = 4  # random crop padding (standard CIFAR augmentation; the authors' A(.) uses it too)
+FLIP_DATASETS = ("cifarfs", "miniimagenet", "cub", "mix")  # natural images: mirror-invariant, flipped too
+
+
+def mirror_invariant(dataset):
+    """Whether A(.) flips images of `dataset`: natural images yes, handwriting (Omniglot) and synthetic no."""
+    return dataset.name in FLIP_DATASETS
 EVAL_BATCH = 512  # held-out evaluation batch (memory only, no effect on results)
 MANIFEST = "manifest.json"
 
@@ -57,7 +61,9 @@ class ZooSettings:
     momentum: float = 0.9  # authors' code: SGD momentum (ResNets)
     weight_decay: float = 5e-4  # authors' code: SGD weight decay (ResNets)
     train_fraction: float = 0.8  # ours: 80% of each class trains, 20% measures
-    augment: bool = True  # random crop (pad 4) + flip, natural-image data sets only (ours)
+    # ours: teachers train with the random crop that A(.) of Eq. (1) applies (the authors' train without), so
+    # recovery does not ask for shifts a teacher never learned; + flips on natural images. 0 = no crop
+    crop_pad: int = AUG_PAD
 
 
 PAPER_EPOCHS = {"cub": 100}  # supplement: Conv4 teachers train 100 epochs on CUB, 60 elsewhere
@@ -142,7 +148,7 @@ def snapshot(model):
     return copy.deepcopy(model.state_dict())
 
 
-def train_teacher(model, arch, data, settings, use_augment, g, device):
+def train_teacher(model, arch, data, settings, flip, g, device):
     """Train `model` on data = (x_train, y_train, x_held, y_held); return the state dict of the
     best held-out epoch (a real copy), its held-out accuracy and the epoch (1-based)."""
     x_tr, y_tr, x_he, y_he = (t.to(device) for t in data)  # uint8 images: small, moved once
@@ -156,8 +162,8 @@ def train_teacher(model, arch, data, settings, use_augment, g, device):
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on a batch of one
             xb = x_tr[idx].float().div_(255)  # [B, C, H, W] in [0, 1]
-            if use_augment:
-                xb = augment(xb, CROP_PAD, flip=True, generator=g)
+            if settings.crop_pad or flip:
+                xb = augment(xb, settings.crop_pad, flip=flip, generator=g)  # the crop (and flip) of A(.)
             loss = F.cross_entropy(model(xb), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -185,8 +191,8 @@ def fit_teacher(dataset, arch, way, seed, index, settings, device):
         torch.default_generator.manual_seed(torch_seed)
         model = new_teacher_model(dataset, arch_i, way).to(device)
     g = torch.Generator().manual_seed(torch_seed + 1)
-    use_augment = settings.augment and dataset.name in AUGMENT_DATASETS
-    state, acc, epoch = train_teacher(model, arch_i, data, settings, use_augment, g, device)
+    flip = mirror_invariant(dataset)
+    state, acc, epoch = train_teacher(model, arch_i, data, settings, flip, g, device)
     state = {k: v.cpu() for k, v in state.items()}
     return {"state_dict": state, "arch": arch_i, "arch_kwargs": model.arch, "classes": classes,
             "acc": acc, "best_epoch": epoch}
