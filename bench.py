@@ -1,9 +1,9 @@
 """Measure FREE's claims on this machine; writes bench/results.json and bench/results.md (the README
 includes the latter). Every number there is written by this script; none is typed by hand.
 
-    python bench.py recovery   # speed-up of task recovery at equal quality (SPEC §4, §6)
-    python bench.py accuracy   # Omniglot 5-way 1/5-shot: FREE, baselines, ablations (quick preset)
-    python bench.py seeds      # FREE and average over seeds 0-2: the spread the test CI does not show
+    python bench.py recovery   # speed-up of task recovery at equal quality (paper §4: ~20x)
+    python bench.py seeds      # Omniglot 5-way 1/5-shot, seeds 0-2: FREE, baselines, ablations (quick preset)
+    python bench.py time       # the quick preset's wall time alone, and where a round's time goes
     python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
     python bench.py report     # rewrite bench/results.md from bench/results.json
 
@@ -40,14 +40,24 @@ SCRATCH_BUDGET = 400  # most from-scratch steps tried when matching quality (2x 
 CHECKPOINTS = (5, 10, 20, 50, 100, 200, 400)  # from-scratch steps at which the student yardstick is taken
 STUDENT_STEPS = 100  # KD Adam steps of the yardstick student (SPEC §6)
 STUDENT_LR = 0.01  # its Adam lr (the Conv4 teachers' lr, SPEC §2)
-# accuracy benchmark: every method and ablation, quick preset
-RUNS = [("free", []), ("random", []), ("average", []), ("maml", []), ("free", ["--no-meta-generator"]),
-        ("free", ["--no-align"]), ("free", ["--hard-labels"])]
-# the paper's CIFAR-FS numbers (SPEC §4, Conv4 5-way), for the ranking beside ours
+# accuracy benchmark (`bench.py seeds`): every method and ablation, quick preset, over seeds; (method, flags, shots),
+# in the order they run: the comparison FREE must win first, then ablations, then the data-based upper bound
+SEEDS = (0, 1, 2)  # each reseeds the whole pipeline: teacher zoo, generator, meta-learner, task sampling
+SEED_RUNS = [("free", [], 1), ("average", [], 1), ("random", [], 1), ("free", [], 5), ("average", [], 5),
+             ("random", [], 5), ("free", ["--no-align"], 1), ("free", ["--hard-labels"], 1),
+             ("free", ["--no-meta-generator"], 1), ("free", ["--theta-tilde-opt", "sgd"], 1),
+             ("free", ["--no-kd-augment"], 1), ("free", ["--bank-filter", "agree"], 1), ("maml", [], 1),
+             ("maml", [], 5)]
+# what each ablation or setting removes, for the README's "component" lines
+COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
+              "--hard-labels": "soft-label KD (vs CE on hard labels, supplement Table 2)",
+              "--no-meta-generator": "the meta-generator (vs 20 from-scratch steps)",
+              "--theta-tilde-opt sgd": "Adam on theta_tilde (vs plain SGD)",
+              "--no-kd-augment": "A(.) on the KD images (vs none)",
+              "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)"}
+# the paper's CIFAR-FS numbers (Table 2 of the paper and supplement Table 2, Conv4 5-way), beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
-SEEDS = (0, 1, 2)  # `bench.py seeds`: FREE and average, the whole pipeline (zoo included) reseeded
-SEED_METHODS = ("free", "average")
-JOBS, THREADS = 2, 1  # default accuracy runs at a time, torch threads per run (after FREE 1-shot, alone)
+JOBS, THREADS = 2, 1  # default runs at a time and torch threads per run (`bench.py time` runs alone, all threads)
 GPU_ROUNDS = 30  # rounds timed by `bench.py gpu` (warm-up included)
 GPU_WARMUP = 5
 
@@ -206,16 +216,30 @@ def recovery_md(rec):
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------ 2. accuracy
+# ------------------------------------------------------------------------ 2. accuracy over seeds
+
+
+def label(method, flags):
+    return " ".join([method] + flags)
 
 
 def run_name(method, flags, shots):
     return "-".join([f"omniglot-{shots}shot", method] + [f.lstrip("-") for f in flags])
 
 
-def run_one(method, flags, shots, args, threads=-1):
+def seed_flags(seed):
+    return ["--seed", str(seed)] if seed else []
+
+
+def seed_jobs(shots, only=None):
+    """(method, flags + seed flags, shots) for every SEED_RUNS entry and seed, in running order."""
+    return [(m, f + seed_flags(seed), s) for m, f, s in SEED_RUNS for seed in SEEDS
+            if s in shots and (not only or label(m, f) in only)]
+
+
+def run_one(method, flags, shots, args, threads=-1, name=None):
     """One free.py run (subprocess); cached: a finished run is read back, an interrupted one resumed."""
-    out = os.path.join(OUT, "runs", run_name(method, flags, shots))
+    out = os.path.join(OUT, "runs", name or run_name(method, flags, shots))
     res_path = os.path.join(out, "results.json")
     if os.path.exists(res_path):
         return json.load(open(res_path)), "cached"
@@ -231,138 +255,160 @@ def run_one(method, flags, shots, args, threads=-1):
     return json.load(open(res_path)), "ran"
 
 
-def accuracy_jobs(shots):
-    return [(m, f, s) for s in shots for m, f in RUNS]
+def teacher_accuracy_under_A(teachers, ds):
+    """Mean accuracy of each teacher on its own real meta-train images, as they are and through A(.) of
+    Eq. (1) (the crop, and flips where A flips): what recovery asks a teacher to be invariant to."""
+    train, plain, augmented = ds.splits["train"], [], []
+    g = torch.Generator().manual_seed(0)
+    for t in teachers:
+        mask = torch.isin(train.labels, torch.tensor(t.classes))
+        x = train.images[mask].float() / 255
+        y = torch.tensor([t.classes.index(c) for c in train.labels[mask].tolist()])
+        with torch.no_grad():
+            plain.append(maml.accuracy(t.model(x), y).item())
+            xa = recover.augment(x, flip=free.mirror_invariant(ds), generator=g)
+            augmented.append(maml.accuracy(t.model(xa), y).item())
+    return {"held_out": statistics.mean(t.acc for t in teachers), "own_images": statistics.mean(plain),
+            "own_images_under_A": statistics.mean(augmented), "teachers": len(teachers)}
 
 
-def build_quick_zoo(args, seed=0):
-    """The quick preset's teacher zoo, built (or read from the cache) once before parallel runs share it."""
+def build_quick_zoo(args, seed, results):
+    """The quick preset's teacher zoo of `seed`, built (or read from the cache) once before parallel runs
+    share it; records the teachers' accuracy on their own images with and without A(.)."""
     cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
                            "--seed", str(seed)])
-    free.load_teachers(cfg, load_dataset("omniglot", args.data_root), torch.device("cpu"), print)
+    ds = load_dataset("omniglot", args.data_root)
+    teachers = free.load_teachers(cfg, ds, torch.device("cpu"), print)
+    results.setdefault("teachers", {})[str(seed)] = teacher_accuracy_under_A(teachers, ds)
 
 
-def record(results, key, job, res, how):
+def record(results, key, job, res, how, name=None):
     """Store one run's results under results[key], print it, and rewrite results.json/.md."""
-    results.setdefault(key, {})[run_name(*job)] = res
-    print(f"{run_name(*job)}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})",
-          flush=True)
+    name = name or run_name(*job)
+    results.setdefault(key, {})[name] = res
+    print(f"{name}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})", flush=True)
     save_results(results)
 
 
-def run_jobs(results, key, jobs, args):
-    """free.py runs, args.jobs at a time, each recorded under results[key] as it finishes."""
+def bench_seeds(args):
+    """Every method and ablation over SEEDS, args.jobs runs at a time with args.threads threads each."""
+    results = load_results()
+    for seed in SEEDS:
+        build_quick_zoo(args, seed, results)
+    save_results(results)
+    jobs = seed_jobs(args.shots, args.only)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *job, args): job for job in jobs}
         for fut in concurrent.futures.as_completed(futures):
-            record(results, key, futures[fut], *fut.result())
-
-
-def bench_accuracy(args):
-    build_quick_zoo(args)
-    first = ("free", [], 1)  # goes alone with every thread: its wall time is the quick preset's time
-    results = load_results()
-    if 1 in args.shots:
-        res, how = run_one(*first, args, threads=None)
-        if how == "ran" or "quick_preset" not in results:
-            results["quick_preset"] = {"run": run_name(*first), "wall_seconds": res["wall_seconds"],
-                                       "threads": res.get("torch_threads")}
-        record(results, "accuracy", first, res, how)
-    run_jobs(results, "accuracy", [job for job in accuracy_jobs(args.shots) if job != first], args)
+            record(results, "seeds", futures[fut], *fut.result())
     copy_recovered_grid(results)
     save_results(results)
 
 
-def seed_flags(seed):
-    return ["--seed", str(seed)] if seed else []  # seed 0 is the accuracy benchmark's own run
-
-
-def seed_jobs(shots):
-    return [(m, seed_flags(seed), s) for s in shots for seed in SEEDS for m in SEED_METHODS]
-
-
-def bench_seeds(args):
-    """Run-to-run spread: the 600-task CI measures test-task sampling only, not training noise."""
-    for seed in SEEDS:
-        build_quick_zoo(args, seed)
-    run_jobs(load_results(), "seeds", seed_jobs(args.shots), args)
-
-
-def seeds_md(seeds):
-    lines = ["### Run-to-run spread (Omniglot 5-way, quick preset, seeds " + ", ".join(map(str, SEEDS)) + ")",
-             "", "Each seed reseeds the whole pipeline: teacher zoo, generator, meta-learner, task sampling; the "
-             "600 test tasks stay fixed. The ± of one run is its test-task CI only. Seed 0 is the accuracy table's "
-             "run. '–': not run yet (`python bench.py seeds`).", "",
-             "| shots | seed | " + " | ".join(SEED_METHODS) + " | free − average |",
-             "|---|---|" + "---|" * (len(SEED_METHODS) + 1)]
-    summaries = []
-    for shots in (1, 5):
-        diffs, per_method = [], {m: [] for m in SEED_METHODS}
-        for seed in SEEDS:
-            r = {m: seeds.get(run_name(m, seed_flags(seed), shots)) for m in SEED_METHODS}
-            cells = [f"{r[m]['test_acc']:.2f} ± {r[m]['test_ci95']:.2f}" if r[m] else "–" for m in SEED_METHODS]
-            for m in SEED_METHODS:
-                if r[m]:
-                    per_method[m].append(r[m]["test_acc"])
-            diff = r["free"]["test_acc"] - r["average"]["test_acc"] if r["free"] and r["average"] else None
-            if diff is not None:
-                diffs.append(diff)
-            lines.append(f"| {shots} | {seed} | " + " | ".join(cells)
-                         + f" | {f'{diff:+.2f}' if diff is not None else '–'} |")
-        if len(diffs) == len(SEEDS):
-            def spread(xs):
-                return f"{statistics.mean(xs):.2f} (std {statistics.stdev(xs):.2f})"
-            summaries.append(f"- {shots}-shot, mean over seeds (std across seeds): "
-                             + ", ".join(f"{m} {spread(per_method[m])}" for m in SEED_METHODS)
-                             + f"; free − average {spread(diffs)}, positive on "
-                             f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds.")
-    return "\n".join(lines + [""] + summaries) + "\n"
+def bench_time(args):
+    """The quick preset's time: FREE seed 0, 1- and 5-shot, each alone with every thread (zoo cached)."""
+    results = load_results()
+    build_quick_zoo(args, 0, results)
+    for shots in args.shots:
+        name = "time-" + run_name("free", [], shots)
+        res, how = run_one("free", [], shots, args, threads=None, name=name)
+        record(results, "time", ("free", [], shots), res, how, name=name)
 
 
 def copy_recovered_grid(results):
-    """bench/recovered.png, shown in the README: the recovered images of the quick FREE 1-shot run."""
-    grid = os.path.join(OUT, "runs", results.get("quick_preset", {}).get("run", ""), "recovered.png")
+    """bench/recovered.png, shown in the README: the recovered images of FREE 1-shot, seed 0."""
+    grid = os.path.join(OUT, "runs", run_name("free", [], 1), "recovered.png")
     if os.path.exists(grid):
         shutil.copyfile(grid, os.path.join(OUT, "recovered.png"))
 
 
-def accuracy_md(acc, quick):
-    lines = ["### Accuracy (Omniglot, Conv4, 5-way, 600 fixed test tasks, quick preset)", "",
-             f"`bench.py accuracy` runs FREE 1-shot alone with every thread (the quick preset's time), then the "
-             f"others `--jobs` at a time with `--threads` torch threads each (defaults {JOBS} and {THREADS}) on this "
-             "2-core machine; the threads column is what each run recorded ('?': a run older than that record), "
-             "and wall times compare only between runs made alike. A resumed run's wall time sums its processes. "
-             "'–': not run yet (`python bench.py accuracy` runs, or resumes, what is missing).", "",
-             "| method | 1-shot | 5-shot | wall s (1/5-shot) | threads (1/5-shot) | peak MB | "
-             "paper, CIFAR-FS (1/5-shot) |",
-             "|---|---|---|---|---|---|---|"]
-    for m, flags in RUNS:
-        label = " ".join([m] + flags)
-        cells, walls, threads, mem = [], [], [], []
+def spread(xs):
+    """'mean ± std (n)' over seeds; std is the sample std across seeds (training noise)."""
+    if len(xs) < 2:
+        return f"{xs[0]:.2f} (n = 1)" if xs else "–"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f} (n = {len(xs)})"
+
+
+def per_seed(seeds, method, flags, shots):
+    """{seed: results} of the finished runs of one SEED_RUNS entry."""
+    found = {seed: seeds.get(run_name(method, flags + seed_flags(seed), shots)) for seed in SEEDS}
+    return {seed: r for seed, r in found.items() if r}
+
+
+def paired(seeds, a, b, shots):
+    """Per-seed differences a - b (same seed: same zoo and tasks), over seeds where both ran."""
+    ra, rb = per_seed(seeds, *a, shots), per_seed(seeds, *b, shots)
+    return [ra[s]["test_acc"] - rb[s]["test_acc"] for s in SEEDS if s in ra and s in rb]
+
+
+def seeds_md(seeds, teachers=None):
+    runs = []
+    for m, f, _ in SEED_RUNS:
+        if (m, f) not in runs:
+            runs.append((m, f))
+    lines = [f"### Accuracy over seeds (Omniglot, Conv4, 5-way, quick preset, seeds {', '.join(map(str, SEEDS))})", "",
+             "`python bench.py seeds`. Each seed reseeds the whole pipeline (teacher zoo, generator, meta-learner, task "
+             "sampling); the 600 test tasks are the same for every run. A cell is the mean ± std across seeds "
+             "(training noise); the per-seed table gives each run's test-task 95% CI. '–': not run yet (the same "
+             "command runs, or resumes, what is missing).", "",
+             "| method | 1-shot | 5-shot | wall s, mean (1/5-shot) | paper, CIFAR-FS (1/5-shot) |", "|---|---|---|---|---|"]
+    for m, f in runs:
+        cells, walls = [], []
         for s in (1, 5):
-            name = run_name(m, flags, s)
-            r = acc.get(name)
-            cells.append(f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f}" if r else "–")
-            walls.append(f"{r['wall_seconds']:.0f}" if r else "–")
-            t = r and (r.get("torch_threads") or (quick.get("threads") if quick.get("run") == name else None))
-            threads.append(str(t) if t else "?" if r else "–")
-            if r:
-                mem.append(r["peak_memory_mb"])
-        paper = PAPER_CIFARFS.get(label)
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {' / '.join(walls)} | {' / '.join(threads)} | "
-                     f"{f'{max(mem):.0f}' if mem else '–'} | {f'{paper[0]} / {paper[1]}' if paper else '–'} |")
+            r = per_seed(seeds, m, f, s)
+            cells.append(spread([x["test_acc"] for x in r.values()]))
+            walls.append(f"{statistics.mean(x['wall_seconds'] for x in r.values()):.0f}" if r else "–")
+        paper = PAPER_CIFARFS.get(label(m, f))
+        lines.append(f"| {label(m, f)} | {cells[0]} | {cells[1]} | {' / '.join(walls)} | "
+                     f"{f'{paper[0]} / {paper[1]}' if paper else '–'} |")
+    lines += ["", "| run | " + " | ".join(f"seed {s}" for s in SEEDS) + " | threads |", "|---|" + "---|" * (len(SEEDS) + 1)]
+    for m, f, s in SEED_RUNS:
+        r = per_seed(seeds, m, f, s)
+        if r:
+            cells = [f"{r[x]['test_acc']:.2f} ± {r[x]['test_ci95']:.2f}" if x in r else "–" for x in SEEDS]
+            threads = sorted({str(x.get("torch_threads", "?")) for x in r.values()})
+            lines.append(f"| {label(m, f)}, {s}-shot | " + " | ".join(cells) + f" | {'/'.join(threads)} |")
     lines.append("")
     for s in (1, 5):
-        r = {m: acc.get(run_name(m, [], s)) for m in ("free", "random", "average", "maml")}
-        if all(r.values()):
-            f = r["free"]
-            lines.append(f"- {s}-shot, seed 0 (one run; spread over seeds below): FREE − random "
-                         f"{f['test_acc'] - r['random']['test_acc']:+.2f}, FREE − average "
-                         f"{f['test_acc'] - r['average']['test_acc']:+.2f} (CIs ±{f['test_ci95']:.2f}, "
-                         f"±{r['random']['test_ci95']:.2f}, ±{r['average']['test_ci95']:.2f}); data-based MAML − FREE "
-                         f"{r['maml']['test_acc'] - f['test_acc']:+.2f}; FREE closes "
-                         f"{100 * (f['test_acc'] - r['random']['test_acc']) / (r['maml']['test_acc'] - r['random']['test_acc']):.0f}% "
-                         "of the gap from random init to data-based MAML.")
+        for other in ("average", "random"):
+            d = paired(seeds, ("free", []), (other, []), s)
+            if d:
+                lines.append(f"- {s}-shot, FREE − {other}: per seed {', '.join(f'{x:+.2f}' for x in d)}; mean "
+                             f"{statistics.mean(d):+.2f}, positive on {sum(x > 0 for x in d)}/{len(d)} seeds.")
+        f_, r_, m_ = (per_seed(seeds, m, [], s) for m in ("free", "random", "maml"))
+        both = [x for x in SEEDS if x in f_ and x in r_ and x in m_]
+        if both:
+            gap = [100 * (f_[x]["test_acc"] - r_[x]["test_acc"]) / (m_[x]["test_acc"] - r_[x]["test_acc"]) for x in both]
+            lines.append(f"- {s}-shot, share of the gap from random init to data-based MAML that FREE closes: "
+                         f"{statistics.mean(gap):.0f}% (mean over {len(both)} seeds).")
+    for flags, what in COMPONENTS.items():
+        d = paired(seeds, ("free", []), ("free", flags.split()), 1)
+        if d:
+            verdict = "helps" if statistics.mean(d) > 0 else "does not help"
+            lines.append(f"- 1-shot, {what}: FREE − `free {flags}` per seed {', '.join(f'{x:+.2f}' for x in d)}; "
+                         f"mean {statistics.mean(d):+.2f} ({verdict} on the mean, positive on "
+                         f"{sum(x > 0 for x in d)}/{len(d)} seeds).")
+    if teachers:
+        t = [teachers[k] for k in sorted(teachers)]
+        lines.append(f"- Teachers ({t[0]['teachers']} per seed, trained with the crop of A(.)): held-out accuracy "
+                     f"{100 * statistics.mean(x['held_out'] for x in t):.1f}%; on their own meta-train images "
+                     f"{100 * statistics.mean(x['own_images'] for x in t):.1f}% as they are, "
+                     f"{100 * statistics.mean(x['own_images_under_A'] for x in t):.1f}% through A(.) "
+                     f"(mean over seeds {', '.join(sorted(teachers))}).")
+    return "\n".join(lines) + "\n"
+
+
+def time_md(timed):
+    """The quick preset's time alone and where it goes (per-phase seconds that free.py records)."""
+    lines = ["### Quick preset: time alone on this 2-core CPU (FREE, seed 0, zoo cached; `python bench.py time`)", "",
+             "| shots | wall s | threads | warm-up round s | round s | of which recovery / KD + Eq. (3) / replay | "
+             "validation s (each) | meta-test s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(timed.items()):
+        phases = [r.get(k) for k in ("seconds_per_round_recovery", "seconds_per_round_kd", "seconds_per_round_replay")]
+        split = " / ".join(f"{p:.2f}" for p in phases) if all(p is not None for p in phases) else "–"
+        lines.append(f"| {r['shots']} | {r['wall_seconds']:.0f} | {r.get('torch_threads', '?')} | "
+                     f"{r['seconds_per_warmup_round']:.2f} | {r['seconds_per_round']:.2f} | {split} | "
+                     f"{r['seconds_per_validation']:.1f} | {r['test_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -409,14 +455,10 @@ def report(results):
     parts = ["<!-- written by bench.py; do not edit by hand -->\n"]
     if "recovery" in results:
         parts.append(recovery_md(results["recovery"]))
-    if "accuracy" in results:
-        parts.append(accuracy_md(results["accuracy"], results.get("quick_preset", {})))
-    if "quick_preset" in results:
-        q = results["quick_preset"]
-        parts.append(f"Quick preset, FREE 5-way 1-shot on Omniglot, alone on this 2-core CPU ({q['threads']} torch "
-                     f"threads, teacher zoo already cached): {q['wall_seconds']:.0f} s wall ({q['run']}).\n")
     if "seeds" in results:
-        parts.append(seeds_md(results["seeds"]))
+        parts.append(seeds_md(results["seeds"], results.get("teachers")))
+    if "time" in results:
+        parts.append(time_md(results["time"]))
     if "gpu" in results:
         parts.append(gpu_md(results["gpu"]))
     return "\n".join(parts)
@@ -424,28 +466,28 @@ def report(results):
 
 def bench_report(args):
     """Rewrite results.md (and the README section) from results.json plus every finished run in
-    bench/runs/, including runs finished outside `bench.py accuracy` (e.g. resumed by hand)."""
+    bench/runs/, including runs finished outside `bench.py seeds` (e.g. resumed by hand)."""
     results = load_results()
-    for key, jobs in (("accuracy", accuracy_jobs((1, 5))), ("seeds", seed_jobs((1, 5)))):
-        found = results.setdefault(key, {})
-        for job in jobs:
-            path = os.path.join(OUT, "runs", run_name(*job), "results.json")
-            if os.path.exists(path):
-                found[run_name(*job)] = json.load(open(path))
+    found = results.setdefault("seeds", {})
+    for job in seed_jobs((1, 5)):
+        path = os.path.join(OUT, "runs", run_name(*job), "results.json")
+        if os.path.exists(path):
+            found[run_name(*job)] = json.load(open(path))
     copy_recovered_grid(results)
     save_results(results)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("recovery", "accuracy", "seeds", "gpu", "report"))
+    p.add_argument("what", choices=("recovery", "seeds", "time", "gpu", "report"))
     p.add_argument("--data-root", default=OMNIGLOT_ROOT, help="folder holding the Omniglot zip")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
-    p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (accuracy, seeds)")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (accuracy, seeds)")
+    p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (seeds)")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (seeds)")
+    p.add_argument("--only", nargs="+", help="seeds: only these runs, by label (e.g. free average 'free --no-align')")
     args = p.parse_args()
     t0 = time.perf_counter()
-    {"recovery": bench_recovery, "accuracy": bench_accuracy, "seeds": bench_seeds, "gpu": bench_gpu,
+    {"recovery": bench_recovery, "seeds": bench_seeds, "time": bench_time, "gpu": bench_gpu,
      "report": bench_report}[args.what](args)
     print(f"bench.py {args.what}: {time.perf_counter() - t0:.0f}s; see {OUT}/results.md")
 

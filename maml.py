@@ -9,6 +9,7 @@ meta-batch or of a meta-test chunk. `first_order` is the single switch between M
 
 Differences from the authors' code:
 - KD uses a true KL on log-probabilities (`log_target=True`); theirs feeds probabilities to F.kl_div.
+- Eq. (3)'s outer step scales theta - theta_tilde by a documented `reptile_scale`; theirs by a bare 67.
 - the meta-test reports the 95% CI over 600 tasks of a fixed seed, and model selection happens on the
   meta-validation split (theirs picks the best of many evaluations on the test split).
 """
@@ -106,14 +107,19 @@ def distill_loss(model, params, task, tau=TAU, hard_labels=False):
     return kd_loss(logits, teacher_logits, tau)
 
 
-def reptile_scale(alpha, n_tasks):
-    """The documented scale of Eq. (3)'s outer step: (theta - theta_tilde) / (alpha * B).
+def reptile_scale(alpha, n_tasks, optimizer="sgd"):
+    """The documented scale of Eq. (3)'s outer step, which turns theta - theta_tilde into the outer
+    Adam's gradient (an Adam shared with MAML replay, as in the authors' code):
 
-    After B sequential steps of size alpha, theta - theta_tilde is alpha times a sum of B
-    per-step directions (task gradients for SGD, Adam's normalised moments for Adam); dividing by
-    alpha * B makes the meta-gradient the size of one averaged step direction, so the outer Adam's
-    lr means what it means for an ordinary gradient. (The authors' code multiplies by a bare 67.)"""
-    return 1.0 / (alpha * n_tasks)
+        sgd:  (theta - theta_tilde) / (alpha * B)  = the mean of the B task gradients along the path;
+        adam: (theta - theta_tilde) / B            = the mean step, Reptile's outer gradient (Nichol et al. 2018).
+
+    Adam moves every coordinate by about alpha per step whatever the gradient's size, so dividing
+    by alpha as for SGD would hand the outer Adam a unit-size direction per coordinate that swamps
+    the replay gradients in its second-moment estimate (measured on Omniglot: replay accuracy fell to
+    chance, meta-validation 44.3 against 57.7 at round 20, seed 0). The authors' code multiplies by a
+    bare 67 instead."""
+    return 1.0 / (alpha * n_tasks) if optimizer == "sgd" else 1.0 / n_tasks
 
 
 THETA_TILDE_OPTIMIZERS = ("adam", "sgd")  # who steps theta_tilde in Eq. (3): supplement/authors' Adam, or Lemma 1's SGD
@@ -123,7 +129,7 @@ def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=
     """Implicit gradient alignment, Eq. (3):
 
         theta_tilde <- theta;  for j = 1..B:  theta_tilde <- theta_tilde - alpha * step(grad L_KD(T_j; theta_tilde))
-        meta-gradient g = (theta - theta_tilde) / (alpha * B)
+        meta-gradient g = reptile_scale * (theta - theta_tilde)
 
     `optimizer` takes the steps: "adam" (the supplement: "the cloned meta-learner parameters are
     optimized ... with an inner loop learning rate set at 0.001"; the authors' code uses a fresh
@@ -156,7 +162,7 @@ def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=
             total = {k: total[k] + theta[k] - theta_tilde[k].detach() for k in theta}
     if align:
         total = {k: theta[k] - theta_tilde[k].detach() for k in theta}
-    scale = reptile_scale(alpha, len(tasks))
+    scale = reptile_scale(alpha, len(tasks), optimizer)
     return {k: scale * v for k, v in total.items()}, torch.stack(losses).mean()
 
 

@@ -4,14 +4,18 @@ memory bank for cross-task replay.
 
 Paper: Wei et al., CVPR 2024, §3.2, Eq. (1), supplement Table 1 and implementation details.
 
+As in the authors' code: the k-th evaluation of Eq. (1) gives both the recovered images and the
+meta-gradient (no extra pass), and the meta-learner inside L_adv is a fixed target (no gradient to the
+images through it).
+
 Differences from the authors' code:
 - the meta-generator's Adam persists across rounds (theirs is recreated every round);
 - all B recovered tasks of a round enter the memory bank (theirs stores only the last teacher's);
 - L_adv is a true KL on log-probabilities (theirs feeds probabilities to F.kl_div);
 - recovered images stay in memory as uint8 tensors (theirs writes PNGs; the quantisation is the same);
-- no "best image" selection (theirs has one that never selects): every recovered image is kept, as
-  the paper describes the memory bank (a working teacher-agreement filter lowered the accuracy of the
-  quick Omniglot 1-shot run in our one comparison).
+- no "best image" selection (theirs has one that never selects): every recovered image is kept by
+  default, as the paper describes the memory bank; free.py's `--bank-filter agree` keeps only the
+  images the teacher labels as Y (ours; bench.py seeds measures it).
 """
 import copy
 import time

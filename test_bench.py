@@ -26,27 +26,28 @@ def test_projection_counts_warmup_training_validation_and_test():
     assert bench.projected_seconds(res, cfg) == 2 * 1.0 + 8 * 2.0 + 3 * 5.0 + 7.0  # 40 s
 
 
+def seed_results(values, method="free", flags=(), shots=1):
+    """{run name: results} for one SEED_RUNS entry, one accuracy per seed."""
+    return {bench.run_name(method, list(flags) + bench.seed_flags(seed), shots): run(v, torch_threads=1)
+            for seed, v in zip(bench.SEEDS, values)}
+
+
 def test_seed_summary_by_hand():
-    free_acc, avg_acc = (60.0, 62.0, 67.0), (61.0, 61.0, 61.0)  # free - average: -1, +1, +6
-    seeds = {}
-    for seed, f, a in zip(bench.SEEDS, free_acc, avg_acc):
-        seeds[bench.run_name("free", bench.seed_flags(seed), 1)] = run(f)
-        seeds[bench.run_name("average", bench.seed_flags(seed), 1)] = run(a)
+    seeds = {**seed_results((60.0, 62.0, 67.0)), **seed_results((61.0, 61.0, 61.0), "average"),
+             **seed_results((40.0, 40.0, 40.0), "random"), **seed_results((80.0, 82.0, 87.0), "maml"),
+             **seed_results((59.0, 63.0, 66.0), "free", ["--no-align"])}
     md = bench.seeds_md(seeds)
-    # means 63, 61, 2; sample std of (60, 62, 67) and of (-1, 1, 6): sqrt((9 + 1 + 16) / 2) = 3.61
-    assert ("1-shot, mean over seeds (std across seeds): free 63.00 (std 3.61), average 61.00 (std 0.00); "
-            "free − average 2.00 (std 3.61), positive on 2/3 seeds.") in md
-    assert "| 1 | 2 | 67.00 ± 0.50 | 61.00 ± 0.50 | +6.00 |" in md
-    assert "| 5 | 1 | – | – | – |" in md and "5-shot, mean" not in md  # 5-shot not run: no summary
-
-
-def test_threads_column_reads_each_run_and_marks_unrecorded_ones():
-    acc = {"omniglot-1shot-free": run(60.0), "omniglot-5shot-free": run(80.0, torch_threads=1),
-           "omniglot-1shot-random": run(40.0)}
-    md = bench.accuracy_md(acc, {"run": "omniglot-1shot-free", "threads": 2})
-    assert "| free | 60.00 ± 0.50 | 80.00 ± 0.50 | 10 / 10 | 2 / 1 |" in md  # 1-shot: from the quick record
-    assert "| random | 40.00 ± 0.50 | – | 10 / – | ? / – |" in md
-    assert "| average | – | – | – / – | – / – |" in md
+    # free: mean 63, sample std sqrt((9 + 1 + 16) / 2) = 3.61; average: 61, std 0
+    assert "| free | 63.00 ± 3.61 (n = 3) | – | 10 / – | 39.13 / 52.58 |" in md
+    assert "| average | 61.00 ± 0.00 (n = 3) | – |" in md
+    assert "| free, 1-shot | 60.00 ± 0.50 | 62.00 ± 0.50 | 67.00 ± 0.50 | 1 |" in md
+    # free - average per seed: -1, +1, +6 (mean +2.00)
+    assert "- 1-shot, FREE − average: per seed -1.00, +1.00, +6.00; mean +2.00, positive on 2/3 seeds." in md
+    # gap closed: (60-40)/(80-40) = 50%, (62-40)/(82-40) = 52.4%, (67-40)/(87-40) = 57.4%; mean 53%
+    assert "share of the gap from random init to data-based MAML that FREE closes: 53% (mean over 3 seeds)" in md
+    # free - (free --no-align): +1, -1, +1 (mean +0.33)
+    assert "FREE − `free --no-align` per seed +1.00, -1.00, +1.00; mean +0.33 (helps on the mean, positive on 2/3" in md
+    assert "5-shot, FREE" not in md  # 5-shot not run: no summary
 
 
 def test_report_collects_finished_runs_and_rewrites_only_the_readme_section(tmp_path, monkeypatch):
@@ -59,10 +60,17 @@ def test_report_collects_finished_runs_and_rewrites_only_the_readme_section(tmp_
     open("README.md", "w").write(f"intro\n{start}\nold numbers\n{end}\noutro\n")
     bench.bench_report(None)
     results = json.load(open(os.path.join(bench.OUT, "results.json")))
-    assert set(results["accuracy"]) == {"omniglot-1shot-free"}
-    assert set(results["seeds"]) == {"omniglot-1shot-free", "omniglot-1shot-average-seed-1"}  # seed 0: same run
+    assert set(results["seeds"]) == {"omniglot-1shot-free", "omniglot-1shot-average-seed-1"}
     readme = open("README.md").read()
     assert readme.startswith(f"intro\n{start}\n") and readme.endswith(f"{end}\noutro\n")
     assert "old numbers" not in readme and open(os.path.join(bench.OUT, "results.md")).read() in readme
-    assert "| free | 61.00 ± 0.50 | – |" in readme and "| 1 | 0 | 61.00 ± 0.50 | – | – |" in readme
-    assert "| 1 | 1 | – | 59.00 ± 0.50 | – |" in readme
+    assert "| free | 61.00 (n = 1) | – |" in readme and "| free, 1-shot | 61.00 ± 0.50 | – | – | ? |" in readme
+    assert "| average, 1-shot | – | 59.00 ± 0.50 | – | ? |" in readme
+
+
+def test_time_table_shows_the_round_split():
+    r = run(60.0, shots=1, torch_threads=2, seconds_per_warmup_round=1.5, seconds_per_round=7.25,
+            seconds_per_round_recovery=1.0, seconds_per_round_kd=0.25, seconds_per_round_replay=6.0,
+            seconds_per_validation=20.0, test_seconds=65.0)
+    md = bench.time_md({"time-omniglot-1shot-free": r})
+    assert "| 1 | 10 | 2 | 1.50 | 7.25 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 |" in md

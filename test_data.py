@@ -377,6 +377,18 @@ def test_sample_tasks_uses_only_the_given_classes():
     assert seen == {1.0, 4.0, 6.0}
 
 
+def test_sample_tasks_support_and_query_images_are_disjoint():
+    """Every image is unique (its index in two pixels); no support image of a task reappears as a query."""
+    labels = torch.arange(8).repeat_interleave(20)
+    idx = torch.arange(160)
+    images = torch.stack([idx // 16, idx % 16], 1).to(torch.uint8).view(160, 1, 1, 2)
+    x_s, _, x_q, _ = data.sample_tasks(data.make_split(images, labels), 30, 5, 5, 15,
+                                       torch.Generator().manual_seed(0))
+    for s_, q_ in zip(x_s, x_q):
+        ids_s, ids_q = {tuple(v.tolist()) for v in s_.flatten(1)}, {tuple(v.tolist()) for v in q_.flatten(1)}
+        assert len(ids_s) == 25 and len(ids_q) == 75 and not ids_s & ids_q
+
+
 # ----------------------------------------------------------------------------------------------
 # The teacher zoo
 # ----------------------------------------------------------------------------------------------

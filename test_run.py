@@ -11,6 +11,7 @@ import torch
 
 import free
 import maml
+import recover
 from data import load_dataset
 
 RESULT_KEYS = {"dataset", "way", "shots", "method", "ablations", "teacher_arch", "preset", "seed", "device",
@@ -48,6 +49,24 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     if res["method"] == "free":
         assert (tmp_path / "recovered.png").exists() and res["recovery_seconds_total"] > 0
         assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 3
+
+
+def test_l_adv_is_off_in_warm_up_and_on_after(tmp_path, cache, monkeypatch):
+    """Warm-up rounds train the meta-generator with CE alone; L_adv of Eq. (1) enters after them."""
+    calls, per_round = [], []
+    adversarial_loss, step = recover.adversarial_loss, free.Trainer.step
+    monkeypatch.setattr(recover, "adversarial_loss", lambda t, s: calls.append(1) or adversarial_loss(t, s))
+
+    def counted_step(self):
+        before = len(calls)
+        row = step(self)
+        per_round.append((row["phase"], len(calls) - before))
+        return row
+
+    monkeypatch.setattr(free.Trainer, "step", counted_step)
+    run(tmp_path, cache, "--rounds", "3", "--warmup", "2")
+    assert per_round[:2] == [("warm-up", 0), ("warm-up", 0)]
+    assert per_round[2][0] == "train" and per_round[2][1] > 0
 
 
 def test_resume_gives_the_same_parameters_and_results(tmp_path, cache):
