@@ -305,6 +305,7 @@ class Trainer:
         self.round = 0
         self.best_val, self.best_state = -1.0, None
         self.stats = dict(recovery_seconds_total=0.0, recovered_tasks=0, warmup_seconds=0.0, train_seconds=0.0,
+                          train_recovery_seconds=0.0, kd_seconds=0.0, replay_seconds=0.0,
                           validation_seconds=0.0, validations=0, wall_seconds=0.0, resumes=0)
         self.last_recovered = []
 
@@ -421,6 +422,8 @@ class Trainer:
             self.last_recovered = [(r.x.cpu(), r.y.cpu(), t.classes) for r, t in zip(tasks, chosen)]
             if warm:
                 return row
+            self.stats["train_recovery_seconds"] += secs
+            t_kd = time.perf_counter()
             for r, t in zip(tasks, chosen):  # every recovered task; authors' code stores only the last
                 keep = r.teacher_logits.argmax(1) == r.y if cfg.bank_filter == "agree" else slice(None)
                 self.bank.add(r.x[keep], r.y[keep], t.classes)
@@ -431,9 +434,12 @@ class Trainer:
             check_finite(kd, "KD loss (Eq. 3)", self.round)
             maml.apply_meta_gradient(self.model, self.opt, g)
             row.update(kd=kd.item(), bank=len(self.bank))
+            self.stats["kd_seconds"] += time.perf_counter() - t_kd
         elif warm:
             return row
+        t_replay = time.perf_counter()
         row.update(self.replay())
+        self.stats["replay_seconds"] += time.perf_counter() - t_replay
         return row
 
 
@@ -578,6 +584,10 @@ def collect_results(cfg, trainer, test, wall_seconds):
                    wall_seconds=wall_seconds, resumes=st["resumes"], peak_memory_mb=peak_memory_mb(trainer.device),
                    seconds_per_warmup_round=st["warmup_seconds"] / max(1, warm_done),
                    seconds_per_round=st["train_seconds"] / max(1, train_done),
+                   # where a training round's time goes: recovery (FIVE), memory bank + KD + Eq. (3), MAML replay
+                   seconds_per_round_recovery=st["train_recovery_seconds"] / max(1, train_done),
+                   seconds_per_round_kd=st["kd_seconds"] / max(1, train_done),
+                   seconds_per_round_replay=st["replay_seconds"] / max(1, train_done),
                    seconds_per_validation=st["validation_seconds"] / max(1, st["validations"]),
                    test_seconds=test["seconds"])
     if "per_domain" in test:
