@@ -7,7 +7,7 @@ includes the latter). Every number there is written by this script; none is type
     python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
     python bench.py report     # rewrite bench/results.md from bench/results.json
 
-Recovery quality has two yardsticks (SPEC §6): the teacher's accuracy on its recovered images (weak:
+Recovery quality has two yardsticks (ours): the teacher's accuracy on its recovered images (weak:
 it saturates), and the accuracy on the teacher's *real* images of a fresh Conv4 distilled from the
 recovered images alone (KD, STUDENT_STEPS Adam steps).
 """
@@ -27,19 +27,18 @@ import torch.nn.functional as F
 import free
 import maml
 import recover
-from data import load_dataset
+from data import UserError, load_dataset
 from models import Conv4, Generator
 
 OUT = "bench"
-OMNIGLOT_ROOT = os.path.join("..", "shared", "data", "omniglot")
-# recovery benchmark (SPEC §6's protocol)
+# recovery benchmark: recovery timed on teachers the meta-generator never saw
 META_TEACHERS = 40  # teachers the meta-generator is meta-trained on (the quick preset's zoo)
 UNSEEN_TEACHERS = 6  # teachers it never sees, on which recovery is timed
 META_ROUNDS = 60  # meta-generator rounds of B teachers (the quick preset's 60 rounds)
 SCRATCH_BUDGET = 400  # most from-scratch steps tried when matching quality (2x BiDf-MKD's 200)
 CHECKPOINTS = (5, 10, 20, 50, 100, 200, 400)  # from-scratch steps at which the student yardstick is taken
-STUDENT_STEPS = 100  # KD Adam steps of the yardstick student (SPEC §6)
-STUDENT_LR = 0.01  # its Adam lr (the Conv4 teachers' lr, SPEC §2)
+STUDENT_STEPS = 100  # KD Adam steps of the yardstick student (ours)
+STUDENT_LR = 0.01  # its Adam lr (the Conv4 teachers' lr, authors' code)
 # accuracy benchmark (`bench.py seeds`): every method and ablation, quick preset, over seeds; (method, flags, shots),
 # in the order they run: the comparison FREE must win first, then ablations, then the data-based upper bound
 SEEDS = (0, 1, 2)  # each reseeds the whole pipeline: teacher zoo, generator, meta-learner, task sampling
@@ -417,7 +416,7 @@ def time_md(timed):
 
 def bench_gpu(args):
     if not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu needs a CUDA device; none is available here")
+        raise UserError("bench.py gpu needs a CUDA device; none is available here")
     out = os.path.join(OUT, "runs", "gpu-paper-synthetic")
     cmd = [sys.executable, "free.py", "--dataset", "synthetic", "--preset", "paper", "--rounds", str(GPU_ROUNDS),
            "--warmup", str(GPU_WARMUP), "--eval-every", str(GPU_ROUNDS), "--out", out, "--device", "cuda"]
@@ -480,7 +479,8 @@ def bench_report(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=("recovery", "seeds", "time", "gpu", "report"))
-    p.add_argument("--data-root", default=OMNIGLOT_ROOT, help="folder holding the Omniglot zip")
+    p.add_argument("--data-root", default="data", help="Omniglot's folder, as free.py's --data-root (the README's "
+                   "figures: a folder holding images_background_small1.zip)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
     p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (seeds)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (seeds)")
@@ -493,4 +493,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # errors a user can cause or fix: one line, exit status 1
+        sys.exit(f"error: {e}")
+    except subprocess.CalledProcessError as e:  # a free.py run failed; its own error line is in its stdout.txt
+        sys.exit(f"error: {' '.join(e.cmd[1:3])} ... exited with status {e.returncode}; see the run's stdout.txt")

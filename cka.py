@@ -1,7 +1,7 @@
 """Linear CKA between teachers' penultimate features, and supplement Figure 1 (three heatmaps).
 
 Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024, supplement Fig. 1
-(SPEC.md §2 "CKA"): how similar the representations of the zoo's teachers are, for (a) teachers of
+(supplement Figure 1): how similar the representations of the zoo's teachers are, for (a) teachers of
 different tasks on one data set, (b) teachers of different data sets, (c) teachers of different
 architectures. Similarity is linear CKA (Kornblith et al., ICML 2019) on a fixed probe set.
 
@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,8 +40,8 @@ CELL_PX, MARGIN_PX, LABEL_PX, BAR_PX, BAR_LABEL_PX = 28, 8, 72, 16, 40  # PNG la
 TITLE_PX = 20  # height of the title line above the grid
 COLOURS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]  # viridis
 OTHER_DATASETS = ("cifarfs", "miniimagenet", "cub")  # panel (b) extras, used when present
-ARCHS_C = ("conv4", "resnet10", "resnet18")  # panel (c) architectures (SPEC §2 "Architectures")
-WAY = 5  # N-way teachers (SPEC §1: 5-way by default)
+ARCHS_C = ("conv4", "resnet10", "resnet18")  # panel (c) architectures (paper §4 multi-architecture setting)
+WAY = 5  # N-way teachers (paper §4: 5-way)
 # per preset (ours): teachers per panel, probe images, zoo epochs (None: ZooSettings default, 60)
 # (quick: batch 16 gives the ResNet teachers of panel (c) enough SGD steps on Omniglot's 80 images)
 PRESETS = {"paper": dict(teachers=12, probe=500, epochs=None, batch=None),
@@ -61,7 +62,7 @@ def as_float64(A):
 
 
 def linear_cka(X, Y):
-    """Linear CKA (Kornblith et al. 2019, §3 "dot-product-based similarity"; SPEC §2 "CKA"),
+    """Linear CKA (Kornblith et al. 2019, §3 "dot-product-based similarity"),
     columns centred first:
 
         CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F * ||Y^T Y||_F)
@@ -299,9 +300,9 @@ def main(argv=None):
     config = dict(vars(args), teachers_per_panel=n, probe=preset["probe"], zoo=asdict(settings))
     print(f"device {device}\nconfig {json.dumps(config)}")
     set_seed(args.seed)
+    ds = data.load_dataset(args.dataset, args.data_root, seed=args.seed)  # before any file is written
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, "config.json").write_text(json.dumps(config, indent=1))
-    ds = data.load_dataset(args.dataset, args.data_root, seed=args.seed)
     probe = make_probe(ds, preset["probe"], args.seed)  # [n_probe, C, H, W]
     print(f"probe: {len(probe)} meta-train images of {ds.name} ({ds.channels}x{ds.image_size}"
           f"x{ds.image_size}), drawn with seed {args.seed}")
@@ -311,4 +312,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.UserError as e:  # errors a user can cause or fix: one line, exit status 1
+        sys.exit(f"error: {e}")

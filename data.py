@@ -1,4 +1,4 @@
-"""Few-shot data sets of FREE and N-way K-shot task sampling (SPEC.md §3 "Data").
+"""Few-shot data sets of FREE and N-way K-shot task sampling (paper §4 and supplement; README, section Data).
 
 Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024. The data only
 ever reaches the method through the teacher zoo (zoo.py) and the meta-val / meta-test tasks.
@@ -38,37 +38,43 @@ from PIL import Image
 DATASETS = ("cifarfs", "miniimagenet", "cub", "mix", "omniglot", "synthetic")
 README_DATA = "see README, section Data"
 
-# --- CIFAR-FS (SPEC §3): CIFAR-100 from the CIFAR authors' site -------------------------------
+# --- CIFAR-FS (Bertinetto et al. 2019): CIFAR-100 from the CIFAR authors' site ----------------
 CIFAR_BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 CIFAR_FILE = "cifar-100-python.tar.gz"
-CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # SPEC §3
+CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # the archive's published MD5
 CIFAR_MEMBERS = {"train": "cifar-100-python/train", "test": "cifar-100-python/test",
                  "meta": "cifar-100-python/meta"}
 CIFAR_SIZE = 32
 CIFARFS_TEST = ("baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man", "pickup_truck",
                 "plain", "poppy", "rocket", "rose", "snail", "sweet_pepper", "table", "telephone",
-                "wardrobe", "whale", "woman", "worm")  # SPEC §3, CIFAR-FS test (20)
+                "wardrobe", "whale", "woman", "worm")  # CIFAR-FS test (20), Bertinetto et al. 2019
 CIFARFS_VAL = ("beaver", "beetle", "butterfly", "camel", "cattle", "crab", "crocodile", "flatfish",
                "lamp", "maple_tree", "motorcycle", "otter", "sea", "shark", "television",
-               "tractor")  # SPEC §3, CIFAR-FS val (16); train = the other 64
+               "tractor")  # CIFAR-FS val (16); train = the other 64
 
-# --- miniImageNet (SPEC §3): pickle caches placed by the user ---------------------------------
+# --- miniImageNet (Ravi & Larochelle 2017 split): pickle caches placed by the user --------------
 MINI_DIR = "miniimagenet"
 MINI_FILES = {s: f"mini-imagenet-cache-{s}.pkl" for s in ("train", "val", "test")}
 
-# --- CUB-200-2011 (SPEC §3) --------------------------------------------------------------------
+# --- CUB-200-2011 (Wah et al. 2011; split by class index as the authors' code) -------------------
 CUB_BASE_URL = "https://data.caltech.edu/records/65de6-vp158/files/"
 CUB_FILE = "CUB_200_2011.tgz"
-CUB_MD5 = "97eceeb196236b17998738112f37df78"  # SPEC §3
+CUB_MD5 = "97eceeb196236b17998738112f37df78"  # the archive's published MD5
 CUB_IMAGE_DIR = "CUB_200_2011/images/"
 
-IMAGE_SIZE_84 = 84  # miniImageNet / CUB / multi-domain size (SPEC §3)
-MIX_DOMAINS = ("cifarfs", "miniimagenet", "cub")  # multi-domain scenario (SPEC §2)
+IMAGE_SIZE_84 = 84  # miniImageNet / CUB / multi-domain size (paper §4)
+MIX_DOMAINS = ("cifarfs", "miniimagenet", "cub")  # multi-domain scenario (paper §4)
 
-# --- Omniglot (SPEC §3): split by alphabet -----------------------------------------------------
+# --- Omniglot (Lake et al. 2015): split by alphabet ---------------------------------------------
 OMNIGLOT_SIZE = 28
-OMNIGLOT_VAL_ALPHABET = "Latin"  # meta-val alphabet (of the background set), our choice
-OMNIGLOT_TEST_ALPHABET = "Korean"  # meta-test alphabet when only a background set is present
+OMNIGLOT_BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"  # the Omniglot repository (MIT)
+OMNIGLOT_FILES = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",  # published MD5s, the ones
+                  "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811"}  # common loaders check
+OMNIGLOT_DIR = "omniglot"  # <data-root>/omniglot/: downloads and the decoded cache
+# meta-val: whole background alphabets held out (ours: 5 of 30 when an evaluation set is present, 158 characters)
+OMNIGLOT_VAL_ALPHABETS = ("Latin", "Greek", "Korean", "Bengali", "Hebrew")
+OMNIGLOT_VAL_ALPHABET = "Latin"  # meta-val alphabet with a background set alone (ours)
+OMNIGLOT_TEST_ALPHABET = "Korean"  # meta-test alphabet with a background set alone (ours)
 
 # --- synthetic: procedurally generated classes (no files), for tests and quick runs ------------
 SYNTHETIC_CLASSES = {"train": 40, "val": 10, "test": 10}
@@ -119,8 +125,14 @@ class FewShotDataset:
     splits: dict  # {"train": Split, "val": Split, "test": Split}, disjoint classes
 
 
-class DataError(RuntimeError):
-    """A data file is corrupt, truncated, has the wrong checksum or the wrong layout."""
+class UserError(Exception):
+    """An error the user causes and can fix (missing or bad data, impossible settings, a foreign run):
+    free.py, cka.py and bench.py print it as one `error: ...` line and exit non-zero; library code
+    raises it, the entry points translate it. Programming errors keep their traceback."""
+
+
+class DataError(UserError):
+    """A data file is missing, corrupt, truncated, has the wrong checksum or the wrong layout."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +153,7 @@ def ensure_writable(data_root):
         root.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
     except OSError as e:
-        raise PermissionError(f"cannot write to the data root {root}: expected a writable folder "
+        raise DataError(f"cannot write to the data root {root}: expected a writable folder "
                               f"for downloads and caches, got {e!r}; pass another data_root or "
                               f"fix its permissions") from e
     os.close(fd)
@@ -296,7 +308,7 @@ def read_cifar100(path):
 
 
 def cifarfs_split_of(names):
-    """Split of each CIFAR-100 fine class (SPEC §3)."""
+    """Split of each CIFAR-100 fine class (CIFAR-FS, Bertinetto et al. 2019)."""
     unknown = (set(CIFARFS_TEST) | set(CIFARFS_VAL)) - set(names)
     if len(names) != 100 or unknown:
         raise DataError(f"CIFAR-100 meta lists {len(names)} fine classes and lacks "
@@ -323,7 +335,7 @@ def load_miniimagenet(data_root, image_size):
     folder = Path(data_root) / MINI_DIR
     missing = [f for f in MINI_FILES.values() if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"miniImageNet: expected {', '.join(MINI_FILES.values())} in "
+        raise DataError(f"miniImageNet: expected {', '.join(MINI_FILES.values())} in "
                                 f"{folder}; missing {', '.join(missing)}. There is no official "
                                 f"download: place the pickle caches there ({README_DATA})")
     splits, names = {}, []
@@ -476,40 +488,66 @@ def decode_omniglot(png, size):
     return 255 - np.asarray(img, dtype=np.uint8)
 
 
-def load_omniglot(data_root, image_size):
-    size = image_size or OMNIGLOT_SIZE
-    background = omniglot_sources(data_root, "images_background")
-    if background is None:
-        raise FileNotFoundError(f"Omniglot: expected images_background (folder or .zip) in "
-                                f"{data_root}; found none ({README_DATA})")
-    evaluation = omniglot_sources(data_root, "images_evaluation")
-    sets = [(background, omniglot_files(background))]
-    if evaluation is not None:
-        sets.append((evaluation, omniglot_files(evaluation)))
+def omniglot_split_of(alphabet, evaluation_set, has_evaluation):
+    """meta-train / val / test of one alphabet. With an evaluation set (the standard split): its
+    alphabets are meta-test, OMNIGLOT_VAL_ALPHABETS of the background are meta-val, the rest
+    meta-train. With a background set alone: Korean meta-test, Latin meta-val, the rest meta-train."""
+    if evaluation_set:
+        return "test"
+    if has_evaluation:
+        return "val" if alphabet in OMNIGLOT_VAL_ALPHABETS else "train"
+    return {OMNIGLOT_VAL_ALPHABET: "val", OMNIGLOT_TEST_ALPHABET: "test"}.get(alphabet, "train")
+
+
+def decode_omniglot_sets(background, evaluation, size):
+    """Decode every PNG of the background (and evaluation) set -> (uint8 [N, size, size], labels,
+    class names "alphabet/character", split of each class)."""
+    sets = [(background, False)] + ([(evaluation, True)] if evaluation is not None else [])
     images, labels, names, split_of = [], [], [], []
-    for source, files in sets:
+    for source, is_evaluation in sets:
+        files = omniglot_files(source)
         if not files:
             raise DataError(f"{source} holds no <alphabet>/<character>/*.png; expected the "
                             f"Omniglot layout ({README_DATA})")
         for (alphabet, character), pngs in sorted(files.items()):
-            if source is not background:
-                split = "test"
-            elif alphabet == OMNIGLOT_VAL_ALPHABET:
-                split = "val"
-            elif evaluation is None and alphabet == OMNIGLOT_TEST_ALPHABET:
-                split = "test"
-            else:
-                split = "train"
-            split_of.append(split)
+            split_of.append(omniglot_split_of(alphabet, is_evaluation, evaluation is not None))
             images += [decode_omniglot(p, size) for p in pngs]
             labels += [len(names)] * len(pngs)
             names.append(f"{alphabet}/{character}")
+    return np.stack(images), np.array(labels, dtype=np.int64), names, split_of
+
+
+def load_omniglot(data_root, mirror, image_size):
+    """Omniglot from images_background* (and images_evaluation*), folders or zips, in data_root or
+    data_root/omniglot; with neither, the two official zips are downloaded (MD5-checked) into
+    data_root/omniglot. Sets read from zips are decoded once and cached beside them (npz)."""
+    size = image_size or OMNIGLOT_SIZE
+    background = omniglot_sources(data_root, "images_background")
+    evaluation = omniglot_sources(data_root, "images_evaluation")
+    if background is None:
+        if evaluation is not None:
+            raise DataError(f"Omniglot: found {evaluation} but no images_background (folder or .zip) "
+                            f"beside it; add it, or remove both to download the official pair")
+        root = Path(data_root) / OMNIGLOT_DIR
+        background, evaluation = (fetch(root, name, OMNIGLOT_BASE_URL, md5, mirror)
+                                  for name, md5 in OMNIGLOT_FILES.items())
+    zips = [s for s in (background, evaluation) if s is not None]
+    cache = None
+    if all(s.suffix == ".zip" for s in zips):  # a folder may change under us: decode it every time
+        cache = background.parent / f"omniglot_{size}_{'+'.join(s.stem for s in zips)}.npz"
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            images, labels, names, split_of = z["images"], z["labels"], z["names"].tolist(), z["split_of"].tolist()
+    else:
+        images, labels, names, split_of = decode_omniglot_sets(background, evaluation, size)
+        if cache is not None and os.access(cache.parent, os.W_OK):  # a read-only copy is decoded each time
+            save_npz_atomic(cache, images=images, labels=labels, names=np.array(names), split_of=np.array(split_of))
     if not {"val", "test"} <= set(split_of):
-        raise DataError(f"Omniglot in {data_root}: found no {OMNIGLOT_VAL_ALPHABET} or "
-                        f"{OMNIGLOT_TEST_ALPHABET} alphabet for meta-val/test; expected them in "
-                        f"the background set, or an images_evaluation set")
-    images = torch.from_numpy(np.stack(images)).unsqueeze(1)  # [N, 1, size, size]
-    return assemble("omniglot", split_by_class(images, labels, split_of), names)
+        raise DataError(f"Omniglot in {data_root}: found no meta-val or meta-test alphabet; expected "
+                        f"{OMNIGLOT_VAL_ALPHABET} and {OMNIGLOT_TEST_ALPHABET} in the background set, or an "
+                        f"images_evaluation set ({README_DATA})")
+    images = torch.from_numpy(images).unsqueeze(1)  # [N, 1, size, size]
+    return assemble("omniglot", split_by_class(images, labels.tolist(), split_of), names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,8 +612,8 @@ def load_synthetic(image_size, seed):
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 def load_dataset(name, data_root, mirror=None, image_size=None, seed=0):
-    """Load data set `name` (one of DATASETS) from `data_root`, downloading CIFAR-100 / CUB if
-    needed (from `mirror` instead of the official base address when given). `image_size`
+    """Load data set `name` (one of DATASETS) from `data_root`, downloading CIFAR-100 / CUB /
+    Omniglot if needed (from `mirror` instead of the official base address when given). `image_size`
     overrides the native size; `seed` only matters for `synthetic`."""
     if name == "cifarfs":
         return load_cifarfs(data_root, mirror, image_size)
@@ -585,11 +623,11 @@ def load_dataset(name, data_root, mirror=None, image_size=None, seed=0):
         return load_cub(data_root, mirror, image_size)
     if name == "mix":
         if image_size not in (None, IMAGE_SIZE_84):
-            raise ValueError(f"mix is 84x84 (SPEC §2); got image_size={image_size}; "
+            raise UserError(f"mix is 84x84 (paper §4, multi-domain setting); got image_size={image_size}; "
                              f"leave it unset")
         return load_mix(data_root, mirror)
     if name == "omniglot":
-        return load_omniglot(data_root, image_size)
+        return load_omniglot(data_root, mirror, image_size)
     if name == "synthetic":
         return load_synthetic(image_size, seed)
     raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
@@ -603,7 +641,7 @@ def sample_tasks(split, n_tasks, way, shot, query, generator, classes=None):
     All randomness comes from `generator` (a CPU torch.Generator)."""
     pool = list(split.classes if classes is None else classes)
     if len(pool) < way:
-        raise ValueError(f"a {way}-way task needs {way} classes; the pool has {len(pool)}")
+        raise UserError(f"a {way}-way task needs {way} classes; the pool has {len(pool)}; lower --way")
     need = shot + query
     s_idx, q_idx = [], []
     for _ in range(n_tasks):
@@ -611,8 +649,8 @@ def sample_tasks(split, n_tasks, way, shot, query, generator, classes=None):
         for j in chosen:
             idx = split.indices_of(pool[j])
             if len(idx) < need:
-                raise ValueError(f"class {pool[j]} has {len(idx)} images; a task with {shot} "
-                                 f"shot + {query} query needs {need}")
+                raise UserError(f"class {pool[j]} has {len(idx)} images; a task with {shot} "
+                                f"shot + {query} query needs {need}; lower --shots or --query")
             pick = idx[torch.randperm(len(idx), generator=generator)[:need]]
             s_idx.append(pick[:shot])
             q_idx.append(pick[shot:])

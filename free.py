@@ -31,7 +31,7 @@ import torch
 
 import maml
 import recover
-from data import DATASETS, load_dataset, sample_tasks
+from data import DATASETS, UserError, load_dataset, sample_tasks
 from models import ARCHS, Conv4, Generator
 from zoo import QUICK_SETTINGS, build_zoo, mirror_invariant, paper_settings
 
@@ -170,7 +170,7 @@ def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available; use --device auto or cpu")
+        raise UserError("--device cuda: no CUDA device is available; use --device auto or cpu")
     return torch.device(name)
 
 
@@ -283,7 +283,7 @@ def average_teachers(model, teachers):
     """`average` baseline: theta = mean of the conv4 teachers' weights; a freshly initialised head."""
     same = [t for t in teachers if t.arch == "conv4"]
     if not same:
-        raise SystemExit("--method average needs conv4 teachers; this zoo has none")
+        raise UserError("--method average needs conv4 teachers; this zoo has none (use --teacher-arch conv4 or mix)")
     state = model.state_dict()
     for name in state:
         if not name.startswith("head.") and not name.startswith("normalize."):
@@ -475,25 +475,50 @@ def check_resume(cfg, out):
     """Refuse to resume a run of another configuration."""
     path = os.path.join(out, "config.json")
     if not os.path.exists(os.path.join(out, "last.pt")):
-        raise SystemExit(f"--resume: no last.pt in {out}; start without --resume")
+        raise UserError(f"--resume: no last.pt in {out}; start without --resume")
     with open(path) as f:
         saved = json.load(f)
     mine = dataclasses.asdict(cfg)
     diff = [k for k in mine if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
     if diff:
-        raise SystemExit(f"--resume: {out} belongs to a different configuration; differing settings: "
+        raise UserError(f"--resume: {out} belongs to a different configuration; differing settings: "
                          + ", ".join(f"{k} (saved {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
                          + ". Use another --out or the saved settings.")
 
 
-def open_run(cfg):
-    """The --out folder: refuse to overwrite a run, or to resume a foreign one; start log.txt."""
-    os.makedirs(cfg.out, exist_ok=True)
+def check_out(cfg):
+    """--out may be resumed only if it holds a run of this configuration, and a run is never overwritten."""
     if cfg.resume:
         check_resume(cfg, cfg.out)
     elif os.path.exists(os.path.join(cfg.out, "last.pt")):
-        raise SystemExit(f"{cfg.out} already holds a run (last.pt); pass --resume to continue it or pick "
-                         f"another --out")
+        raise UserError(f"{cfg.out} already holds a run (last.pt); pass --resume to continue it or pick "
+                        f"another --out")
+
+
+def check_settings(cfg, ds):
+    """Settings the data cannot satisfy, found before anything is written or trained."""
+    needs_zoo = cfg.method in ("free", "average")
+    for name, value in (("--n-teachers", cfg.n_teachers if needs_zoo else 1), ("--B", cfg.B), ("--rounds", cfg.rounds),
+                        ("--val-tasks", cfg.val_tasks), ("--test-tasks", cfg.test_tasks), ("--way", cfg.way)):
+        if value < 1:
+            raise UserError(f"{name} {value}: expected at least 1")
+    splits = ["val", "test"] + (["train"] if needs_zoo or cfg.method == "maml" else [])
+    for s in splits:
+        split = ds.splits[s]
+        if len(split.classes) < cfg.way:
+            raise UserError(f"--way {cfg.way}: the {s} split of {ds.name} has {len(split.classes)} classes; "
+                            f"lower --way")
+        if s == "train" and cfg.method != "maml":
+            continue  # teachers need `way` classes; tasks are sampled from the real train split by maml only
+        fewest = torch.bincount(split.labels)[split.classes].min().item()
+        if fewest < cfg.shots + cfg.query:
+            raise UserError(f"--shots {cfg.shots} + --query {cfg.query}: a class of the {s} split of {ds.name} "
+                            f"has {fewest} images; lower --shots or --query")
+
+
+def open_run(cfg):
+    """Create the --out folder (after every check has passed), write config.json, start log.txt."""
+    os.makedirs(cfg.out, exist_ok=True)
     write_json_atomic(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
     return Log(os.path.join(cfg.out, "log.txt"))
 
@@ -598,12 +623,13 @@ def collect_results(cfg, trainer, test, wall_seconds):
 def main(argv=None):
     cfg = parse_args(argv)
     device = pick_device(cfg.device)
+    check_out(cfg)
+    t_start = time.perf_counter()
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.mirror, seed=cfg.seed)
+    check_settings(cfg, ds)  # a failed start writes nothing: the same command runs once the cause is fixed
     log = open_run(cfg)
     log(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}")
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
-    t_start = time.perf_counter()
-
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.mirror, seed=cfg.seed)
     log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
         f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
     teachers = load_teachers(cfg, ds, device, log) if cfg.method in ("free", "average") else []
@@ -646,5 +672,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except FloatingPointError as e:
+    except (UserError, FloatingPointError) as e:  # errors a user can cause or fix: one line, exit status 1
         sys.exit(f"error: {e}")

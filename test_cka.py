@@ -1,4 +1,4 @@
-"""Tests of cka.py: the properties of linear CKA (Kornblith et al. 2019; SPEC §2 "CKA"), the CKA
+"""Tests of cka.py: the properties of linear CKA (Kornblith et al. 2019; supplement Figure 1), the CKA
 matrix of models, and the heatmap writers of supplement Figure 1. CPU, fast, deterministic."""
 import copy
 from types import SimpleNamespace

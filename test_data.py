@@ -1,8 +1,9 @@
 """Tests of data.py (data sets, downloads, task sampling) and zoo.py (the teacher zoo).
 
-CPU only, deterministic, no internet: the CIFAR-100 and CUB download paths are exercised against
-tiny archives of the same formats served from 127.0.0.1; Omniglot uses the small background set
-in ../shared/data/omniglot; the zoo trains a few tiny Conv4 teachers on the synthetic data set.
+CPU only, deterministic, no internet, nothing read outside the repository and the tests' temporary
+folders: the CIFAR-100, CUB and Omniglot download paths are exercised against tiny archives of the
+same formats, built here and served from 127.0.0.1; the zoo trains a few tiny Conv4 teachers on the
+synthetic data set.
 """
 import copy
 import hashlib
@@ -24,7 +25,9 @@ from PIL import Image
 import data
 import zoo
 
-OMNIGLOT_ROOT = Path(__file__).resolve().parent.parent / "shared" / "data" / "omniglot"
+# a small Omniglot background set in the official layout: the alphabets of images_background_small1
+OMNIGLOT_SMALL = {"Balinese": 3, "Early_Aramaic": 2, "Greek": 3, "Korean": 4, "Latin": 3}  # characters each
+OMNIGLOT_DRAWINGS = 20
 CIFAR100_FINE = (
     "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
     "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
@@ -178,7 +181,7 @@ def test_truncated_download_is_a_clear_error_and_leaves_nothing(tmp_path, server
 def test_unwritable_data_root_is_reported_plainly(tmp_path, server, right_md5):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(PermissionError, match="cannot write to the data root"):
+    with pytest.raises(data.DataError, match="cannot write to the data root"):
         data.load_dataset("cifarfs", blocker / "data", mirror=server)
 
 
@@ -203,7 +206,7 @@ def test_cub_split_by_folder_index_and_npz_cache_reused(tmp_path, server, right_
 
 
 def test_missing_miniimagenet_caches_error_names_files_and_folder(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(data.DataError) as err:
         data.load_dataset("miniimagenet", tmp_path)
     message = str(err.value)
     for f in data.MINI_FILES.values():
@@ -251,44 +254,99 @@ def test_mix_offsets_class_ids_per_domain_at_84(tmp_path, server, right_md5):
 # ----------------------------------------------------------------------------------------------
 # Omniglot
 # ----------------------------------------------------------------------------------------------
+def stroke_png(character=0, drawing=0):
+    """A 105x105 1-bit PNG as in Omniglot: white page, one black stroke placed by character and drawing."""
+    img = Image.new("1", (105, 105), 1)  # white page
+    x = 10 + 7 * (character % 10) + drawing % 3
+    img.paste(0, (x, 20, x + 20, 90))  # one black stroke
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def omniglot_zip(top, alphabets, drawings=OMNIGLOT_DRAWINGS):
+    """An Omniglot-layout zip: <top>/<alphabet>/character<NN>/<drawing>.png."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for a, n in alphabets.items():
+            for c in range(n):
+                for j in range(drawings):
+                    z.writestr(f"{top}/{a}/character{c + 1:02d}/{j:02d}.png", stroke_png(c, j))
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
-def omniglot():
-    return data.load_dataset("omniglot", OMNIGLOT_ROOT)
+def omniglot(tmp_path_factory):
+    root = tmp_path_factory.mktemp("omniglot")
+    (root / "images_background_small1.zip").write_bytes(omniglot_zip("images_background_small1", OMNIGLOT_SMALL))
+    return data.load_dataset("omniglot", root)
 
 
-def test_omniglot_has_136_characters_of_20_bright_stroke_images(omniglot):
-    assert len(omniglot.class_names) == 136
+def test_omniglot_has_its_characters_of_20_bright_stroke_images(omniglot):
+    assert len(omniglot.class_names) == sum(OMNIGLOT_SMALL.values())
     assert (omniglot.image_size, omniglot.channels) == (28, 1)
     for split in omniglot.splits.values():
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 28, 28)
-        assert torch.bincount(split.labels)[split.classes].eq(20).all()
+        assert torch.bincount(split.labels)[split.classes].eq(OMNIGLOT_DRAWINGS).all()
     x = omniglot.splits["train"].images.float()
-    assert x.median() == 0 and x.mean() < 40 and x.amax() == 255  # dark page, bright strokes
+    assert x.median() == 0 and x.mean() < 60 and x.amax() == 255  # dark page, bright strokes
 
 
-def test_omniglot_split_korean_test_latin_val_rest_train(omniglot):
+def test_omniglot_small_set_split_korean_test_latin_val_rest_train(omniglot):
     def alphabets(s):
         return {omniglot.class_names[c].split("/")[0] for c in omniglot.splits[s].classes}
 
     sizes = {s: len(omniglot.splits[s].classes) for s in ("train", "val", "test")}
-    assert sizes == {"train": 70, "val": 26, "test": 40}
+    assert sizes == {"train": 3 + 2 + 3, "val": 3, "test": 4}
     assert alphabets("test") == {"Korean"} and alphabets("val") == {"Latin"}
     assert alphabets("train") == {"Balinese", "Early_Aramaic", "Greek"}
     classes = [set(omniglot.splits[s].classes) for s in ("train", "val", "test")]
     assert not (classes[0] & classes[1] or classes[0] & classes[2] or classes[1] & classes[2])
 
 
-def stroke_png():
-    img = Image.new("1", (105, 105), 1)  # white page
-    img.paste(0, (40, 20, 60, 90))  # one black stroke
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
+def test_omniglot_downloads_both_sets_splits_them_and_decodes_once(tmp_path, server, monkeypatch):
+    """No local copy: images_background.zip and images_evaluation.zip come from the (local) mirror with
+    their MD5s; evaluation alphabets are meta-test, the named background alphabets meta-val; the second
+    load reads the decoded cache (the zips may even be gone)."""
+    background = omniglot_zip("images_background", {"Latin": 2, "Greek": 1, "Tifinagh": 3, "Braille": 2}, 4)
+    evaluation = omniglot_zip("images_evaluation", {"Kannada": 2, "Oriya": 1}, 4)
+    Handler.files.update({"/images_background.zip": background, "/images_evaluation.zip": evaluation})
+    monkeypatch.setattr(data, "OMNIGLOT_FILES", {"images_background.zip": md5(background),
+                                                 "images_evaluation.zip": md5(evaluation)})
+    ds = data.load_dataset("omniglot", tmp_path, mirror=server)
+
+    def alphabets(s):
+        return sorted({ds.class_names[c].split("/")[0] for c in ds.splits[s].classes})
+
+    assert alphabets("train") == ["Braille", "Tifinagh"] and alphabets("val") == ["Greek", "Latin"]
+    assert alphabets("test") == ["Kannada", "Oriya"] and len(ds.splits["test"].classes) == 3
+    folder = tmp_path / data.OMNIGLOT_DIR
+    assert sorted(p.name for p in folder.glob("*.zip")) == ["images_background.zip", "images_evaluation.zip"]
+    assert not leftovers(folder)
+
+    def no_decoding(*args):
+        raise AssertionError("decoded the PNGs again despite the cache")
+
+    monkeypatch.setattr(data, "decode_omniglot", no_decoding)
+    again = data.load_dataset("omniglot", tmp_path, mirror=server)
+    assert again.class_names == ds.class_names
+    assert all(torch.equal(again.splits[s].images, ds.splits[s].images) for s in ds.splits)
 
 
-def test_omniglot_evaluation_set_is_meta_test_and_latin_is_meta_val(tmp_path):
+def test_omniglot_download_with_wrong_md5_is_refused(tmp_path, server, monkeypatch):
+    Handler.files["/images_background.zip"] = omniglot_zip("images_background", {"Latin": 1}, 2)
+    monkeypatch.setattr(data, "OMNIGLOT_FILES", {"images_background.zip": "0" * 32,
+                                                 "images_evaluation.zip": "0" * 32})
+    with pytest.raises(data.DataError, match="images_background.zip from .* has MD5"):
+        data.load_dataset("omniglot", tmp_path, mirror=server)
+    assert not list((tmp_path / data.OMNIGLOT_DIR).iterdir())
+
+
+def test_omniglot_local_folder_and_zip_evaluation_set_is_meta_test(tmp_path):
+    """A background folder beside an evaluation zip: evaluation alphabets meta-test, Latin (one of the
+    held-out background alphabets) meta-val, Tifinagh meta-train; folders are read in place."""
     png = stroke_png()
-    for alphabet in ("Latin", "Greek"):
+    for alphabet in ("Latin", "Tifinagh"):
         for character in ("character01", "character02"):
             folder = tmp_path / "images_background" / alphabet / character
             folder.mkdir(parents=True)
@@ -302,10 +360,11 @@ def test_omniglot_evaluation_set_is_meta_test_and_latin_is_meta_val(tmp_path):
     def names(s):
         return [ds.class_names[c] for c in ds.splits[s].classes]
 
-    assert names("train") == ["Greek/character01", "Greek/character02"]
+    assert names("train") == ["Tifinagh/character01", "Tifinagh/character02"]
     assert names("val") == ["Latin/character01", "Latin/character02"]
     assert names("test") == ["Korean/character01"]
-    assert ds.splits["test"].images[0, 0, 14, 14] > 200  # the stroke is bright after inversion
+    img = ds.splits["test"].images[0, 0].float()
+    assert img.max() > 200 and img.median() == 0  # the stroke is bright after inversion, the page dark
 
 
 def test_corrupt_omniglot_zip_error_names_the_path(tmp_path):
@@ -476,7 +535,7 @@ def test_zoo_resumes_after_interruption_training_only_the_missing_teacher(built_
 
 def test_zoo_cache_built_with_other_settings_is_refused(built_zoo, synthetic28):
     other = zoo.ZooSettings(epochs=4, batch_size=32)
-    with pytest.raises(ValueError, match="use another preset name or delete that folder"):
+    with pytest.raises(data.UserError, match="use another preset name or delete that folder"):
         zoo.build_zoo(synthetic28, "conv4", 3, 5, 0, "tiny", other, built_zoo[0], "cpu")
 
 

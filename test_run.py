@@ -4,6 +4,8 @@ the NaN guard fires, Ctrl-C leaves a resumable checkpoint, and a mismatched --re
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -155,3 +157,54 @@ def test_multi_domain_meta_test_reports_each_domain_and_their_mean(tmp_path, mon
     assert all(len({x % 2 for x in c}) == 1 for c in seen)  # each domain's tasks use its classes only
     accs = [v[0] for v in test["per_domain"].values()]
     assert test["test_acc"][0] == pytest.approx(sum(accs) / 2)
+
+
+# ---------------------------------------------------------------- user errors at the entry point
+
+
+def foreign_run(out):
+    """A --out folder holding a run of another configuration (what check_resume reads)."""
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"")
+    (out / "config.json").write_text(json.dumps(dict(free.dataclasses.asdict(free.Config()), way=7)))
+
+
+USER_ERRORS = {  # case: (extra free.py arguments, setup of the folder, what the one line must say)
+    "corrupt data": (["--dataset", "omniglot", "--data-root", "d"],
+                     lambda p: (p / "d").mkdir() or (p / "d" / "images_background.zip").write_bytes(b"no zip"),
+                     "is not a readable zip"),
+    "missing files": (["--dataset", "miniimagenet", "--data-root", "d"], None, "mini-imagenet-cache-train.pkl"),
+    "unreachable mirror": (["--dataset", "cifarfs", "--data-root", "d", "--mirror", "http://127.0.0.1:9/"], None,
+                           "could not download http://127.0.0.1:9/cifar-100-python.tar.gz"),
+    "way too large": (["--dataset", "synthetic", "--way", "50"], None, "--way 50"),
+    "zero teachers": (["--dataset", "synthetic", "--n-teachers", "0"], None, "--n-teachers 0"),
+    "shots too large": (["--dataset", "synthetic", "--shots", "5", "--query", "100"], None, "lower --shots"),
+    "resume of a missing run": (["--dataset", "synthetic", "--resume"], None, "no last.pt"),
+    "resume of a foreign run": (["--dataset", "synthetic", "--resume"], lambda p: foreign_run(p / "run"),
+                                "belongs to a different configuration"),
+    "cuda without cuda": (["--dataset", "synthetic", "--device", "cuda"], None, "no CUDA device"),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_a_user_error_is_one_line_and_a_failed_start_writes_no_run(tmp_path, case):
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    extra, setup, says = USER_ERRORS[case]
+    if setup:
+        setup(tmp_path)
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "free.py"), "--preset", "smoke",
+           "--out", "run", "--cache", "cache", *extra]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+    if case != "resume of a foreign run":
+        assert not (tmp_path / "run").exists()  # nothing half-made: the same command runs once the cause is fixed
+
+
+def test_the_same_command_runs_after_a_failed_start(tmp_path, cache):
+    with pytest.raises(free.UserError, match="--way 50"):
+        run(tmp_path / "r", cache, "--way", "50")
+    assert not (tmp_path / "r").exists()
+    assert run(tmp_path / "r", cache)["rounds"] == 3

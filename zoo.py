@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data import DataError, UserError
 from models import ARCHS, build_model
 from recover import AUG_PAD, augment
 
@@ -98,7 +99,7 @@ def draw_classes(dataset, way, rng, index):
         domain = MIX_DOMAINS[index % len(MIX_DOMAINS)]
         pool = [c for c in pool if dataset.domain_of_class[c] == domain]
     if len(pool) < way:
-        raise ValueError(f"a {way}-way teacher needs {way} meta-train classes; found {len(pool)} "
+        raise UserError(f"a {way}-way teacher needs {way} meta-train classes; found {len(pool)} "
                          f"in {dataset.name}; lower `way`")
     return sorted(int(c) for c in rng.choice(pool, size=way, replace=False))
 
@@ -225,7 +226,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError) as e:
-        raise RuntimeError(f"teacher file {path} is unreadable ({e!r}); expected a checkpoint "
+        raise DataError(f"teacher file {path} is unreadable ({e!r}); expected a checkpoint "
                            f"written by zoo.py; delete it and run again to retrain it") from e
 
 
@@ -236,7 +237,7 @@ def check_manifest(folder, settings):
         return
     saved = json.loads(path.read_text()).get("settings")
     if saved is not None and saved != asdict(settings):
-        raise ValueError(f"zoo cache {folder} was built with settings {saved}, expected "
+        raise UserError(f"zoo cache {folder} was built with settings {saved}, expected "
                          f"{asdict(settings)}; use another preset name or delete that folder")
 
 
@@ -249,7 +250,7 @@ def check_classes(ckpt, dataset, way, seed, index, path):
     """A cached teacher must hold the classes this zoo would draw for it."""
     expected = draw_classes(dataset, way, teacher_rng(seed, index), index)
     if list(ckpt["classes"]) != expected:
-        raise ValueError(f"cached teacher {path} has classes {list(ckpt['classes'])}, expected "
+        raise UserError(f"cached teacher {path} has classes {list(ckpt['classes'])}, expected "
                          f"{expected} for this data set and seed; delete {path.parent} to rebuild")
 
 
