@@ -70,6 +70,7 @@ class Config:
     cache: str = "cache"  # teacher-zoo cache folder
     seed: int = 0
     device: str = "auto"  # auto / cpu / cuda
+    vmap: str = "auto"  # map a meta-batch's / meta-test chunk's tasks with torch.func.vmap: auto (on CUDA) / on / off
     resume: bool = False
     # ---- counts (the preset sets these; a flag overrides)
     n_teachers: int = 100  # size of the teacher zoo (paper §4: 100)
@@ -122,7 +123,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     choices = dict(dataset=DATASETS, method=METHODS, teacher_arch=ARCHS + ("mix",),
                    preset=tuple(PRESETS), device=("auto", "cpu", "cuda"), shots=(1, 5),
-                   theta_tilde_opt=maml.THETA_TILDE_OPTIMIZERS, bank_filter=BANK_FILTERS)
+                   theta_tilde_opt=maml.THETA_TILDE_OPTIMIZERS, bank_filter=BANK_FILTERS, vmap=("auto", "on", "off"))
     comments = field_comments()
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -226,15 +227,16 @@ def save_grid(path, rows):
 # ------------------------------------------------------------------------ evaluation
 
 
-def use_vmap(device):
-    """Map tasks with torch.func.vmap on CUDA only: on the CPU the per-task loop is faster (README "Speed")."""
-    return device.type == "cuda"
+def use_vmap(cfg, device):
+    """Map tasks with torch.func.vmap: --vmap on / off, or auto = on CUDA only (on the CPU the per-task
+    loop is faster, README "Speed notes"). Both paths compute the same losses (test_run checks a whole run)."""
+    return cfg.vmap == "on" or (cfg.vmap == "auto" and device.type == "cuda")
 
 
 def evaluate(cfg, model, params, split, n_tasks, seed, device, classes=None, chunk=EVAL_CHUNK):
     """Mean accuracy and 95% CI over n_tasks tasks of `split` sampled with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
-    vectorize = use_vmap(device)
+    vectorize = use_vmap(cfg, device)
     accs = []
     for start in range(0, n_tasks, chunk):
         t = min(chunk, n_tasks - start)
@@ -300,7 +302,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
         G = Generator(ds.image_size, ds.channels, nf=cfg.nf).to(device)
         self.meta_gen = recover.MetaGenerator(G, cfg.gen_lr, recover.GEN_BETAS)
-        self.bank = recover.MemoryBank()
+        self.bank = recover.MemoryBank(device=device)
         self.rng = torch.Generator().manual_seed(cfg.seed)  # teacher choice and replay tasks
         self.round = 0
         self.best_val, self.best_state = -1.0, None
@@ -381,7 +383,7 @@ class Trainer:
         """Cross-task replay: MAML meta-batches from the memory bank (or, for `maml`, from the real
         meta-train split) until train accuracy stalls for `replay_patience` meta-batches."""
         cfg, best, since, losses, accs = self.cfg, -1.0, 0, [], []
-        vectorize = use_vmap(self.device)
+        vectorize = use_vmap(cfg, self.device)
         if cfg.method != "maml" and not self.bank.can_sample(cfg.way, cfg.shots, cfg.query):
             return {"replay_batches": 0}  # too few images per class in the bank yet
         for _ in range(cfg.max_replay):
@@ -393,16 +395,19 @@ class Trainer:
             loss, acc = maml.maml_meta_batch_loss(self.model, dict(self.model.named_parameters()), x_s, y_s, x_q,
                                                   y_q, cfg.train_inner_steps, cfg.inner_lr, cfg.first_order,
                                                   vectorize)
-            check_finite(loss, "MAML replay loss", self.round)
+            # the one host sync of a meta-batch: the stopping rule needs the accuracy, the NaN guard the loss
+            acc_now, finite = torch.stack([acc.detach(), torch.isfinite(loss.detach()).float()]).tolist()
+            if not finite:
+                check_finite(loss, "MAML replay loss", self.round)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            losses.append(loss.item())
-            accs.append(acc.item())
-            best, since = (acc.item(), 0) if acc.item() > best else (best, since + 1)
+            losses.append(loss.detach())
+            accs.append(acc_now)
+            best, since = (acc_now, 0) if acc_now > best else (best, since + 1)
             if since >= cfg.replay_patience:
                 break
-        return {"replay_loss": sum(losses) / len(losses), "replay_acc": sum(accs) / len(accs),
+        return {"replay_loss": torch.stack(losses).mean().item(), "replay_acc": sum(accs) / len(accs),
                 "replay_batches": len(losses)}
 
     def step(self):
@@ -419,7 +424,7 @@ class Trainer:
             self.stats["recovery_seconds_total"] += secs
             self.stats["recovered_tasks"] += len(tasks)
             row.update(rec_s=secs, rec_acc=sum(r.teacher_acc for r in tasks) / len(tasks))
-            self.last_recovered = [(r.x.cpu(), r.y.cpu(), t.classes) for r, t in zip(tasks, chosen)]
+            self.last_recovered = [(r.x, r.y, t.classes) for r, t in zip(tasks, chosen)]  # to the CPU once, at the end
             if warm:
                 return row
             self.stats["train_recovery_seconds"] += secs
@@ -589,6 +594,7 @@ def train(cfg, trainer, t_start, last_path, best_path):
 def save_recovered_grid(path, recovered, real):
     """recovered.png: per class, GRID_PER_CLASS recovered images, then as many real ones."""
     x, y, classes = recovered
+    x, y = x.cpu(), y.cpu()
     rows = []
     for local, cls in enumerate(classes):
         real_imgs = real.images[real.labels == cls][:GRID_PER_CLASS].float() / 255

@@ -40,17 +40,19 @@ SCRATCH_STEPS = 200  # from-scratch inversion steps of BiDf-MKD, the speed-up ba
 def augment(x, pad=AUG_PAD, flip=True, generator=None):
     """A(.) of Eq. (1), differentiable: random crop of each image after zero-padding by `pad`,
     then a random horizontal flip (if `flip`). x [B, C, H, W] -> [B, C, H, W]. Random draws come
-    from `generator` (a CPU torch.Generator) or the global CPU RNG. zoo.py trains teachers with it."""
+    from `generator` (a CPU torch.Generator) or, without one, the RNG of x's device (no host round trip).
+    zoo.py trains teachers with it."""
     B, C, H, W = x.shape
+    where = "cpu" if generator is not None else x.device
     padded = F.pad(x, [pad, pad, pad, pad])  # [B, C, H+2p, W+2p]
-    di = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
-    dj = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
+    di = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=where).to(x.device)
+    dj = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=where).to(x.device)
     rows = (di[:, None] + torch.arange(H, device=x.device))[:, :, None]  # [B, H, 1]
     cols = (dj[:, None] + torch.arange(W, device=x.device))[:, None, :]  # [B, 1, W]
     b = torch.arange(B, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)  # [B, C, H, W]
     if flip:
-        mirror = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        mirror = (torch.rand(B, generator=generator, device=where) < 0.5).to(x.device)
         out = torch.where(mirror[:, None, None, None], out.flip(3), out)
     return out
 
@@ -185,16 +187,17 @@ class MemoryBank:
     label list), FIFO-capped per class. Samples N-way K-shot Q-query tasks whose classes may come
     from different teachers (cross-task replay), relabelled 0..N-1."""
 
-    def __init__(self, cap=BANK_CAP):
+    def __init__(self, cap=BANK_CAP, device="cpu"):
         self.cap = cap
+        self.device = torch.device(device)  # where the images live: the run's device (no copies per meta-batch)
         self.images = {}  # global class id -> uint8 [n <= cap, C, H, W], oldest first
 
     def add(self, x, y, classes):
         """Memory bank (paper §3.2): store recovered images x [M, C, H, W] with local labels y under global
         ids classes[y]."""
-        x = to_uint8(x.detach()).cpu()
+        x, y = to_uint8(x.detach()).to(self.device), y.to(self.device)
         for local, cls in enumerate(classes):
-            new = x[y.cpu() == local]
+            new = x[y == local]
             old = self.images.get(int(cls))
             merged = new if old is None else torch.cat([old, new])
             self.images[int(cls)] = merged[-self.cap:]  # FIFO: drop the oldest beyond the cap
@@ -210,34 +213,37 @@ class MemoryBank:
         """Whether `way` classes hold at least shot + query images each (cross-task replay, paper §3.3)."""
         return len(self.classes(min_images=shot + query)) >= way
 
-    def sample_tasks(self, n_tasks, way, shot, query, generator, device="cpu"):
+    def sample_tasks(self, n_tasks, way, shot, query, generator):
         """Cross-task replay tasks (paper §3.3): T tasks: x_s [T, way*shot, C, H, W], y_s [T, way*shot],
         x_q [T, way*query, ...], y_q; classes drawn without replacement from the whole bank, images
-        without replacement within a class; labels relative, 0..way-1. Returns float images in [0, 1]
-        on `device`."""
+        without replacement within a class; labels relative, 0..way-1. Indices are drawn on the CPU
+        (from `generator`) and gathered in one step on the bank's device; float images in [0, 1] there."""
         pool = self.classes(min_images=shot + query)
         if len(pool) < way:
             raise ValueError(f"memory bank has {len(pool)} classes with >= {shot + query} images; "
                              f"a {way}-way task needs {way}")
-        xs, xq = [], []
+        sizes = [self.images[c].shape[0] for c in pool]
+        start = torch.tensor([0] + sizes).cumsum(0).tolist()  # offset of each class in the flat bank
+        s_idx, q_idx = [], []
         for _ in range(n_tasks):
             chosen = torch.randperm(len(pool), generator=generator)[:way].tolist()
-            s, q = [], []
             for c in chosen:
-                imgs = self.images[pool[c]]
-                idx = torch.randperm(imgs.shape[0], generator=generator)[:shot + query]
-                s.append(imgs[idx[:shot]])
-                q.append(imgs[idx[shot:]])
-            xs.append(torch.cat(s))
-            xq.append(torch.cat(q))
-        y_s = torch.arange(way).repeat_interleave(shot).expand(n_tasks, -1)
-        y_q = torch.arange(way).repeat_interleave(query).expand(n_tasks, -1)
-        to = lambda t: t.to(device).float() / 255.0
-        return to(torch.stack(xs)), y_s.to(device), to(torch.stack(xq)), y_q.to(device)
+                idx = torch.randperm(sizes[c], generator=generator)[:shot + query] + start[c]
+                s_idx.append(idx[:shot])
+                q_idx.append(idx[shot:])
+        flat = torch.cat([self.images[c] for c in pool])  # [sum of sizes, C, H, W]
+        shape = flat.shape[1:]
+
+        def gather(idx, per_class):
+            return flat[torch.cat(idx).to(self.device)].float().div_(255).view(n_tasks, way * per_class, *shape)
+
+        y_s = torch.arange(way, device=self.device).repeat_interleave(shot).expand(n_tasks, -1)
+        y_q = torch.arange(way, device=self.device).repeat_interleave(query).expand(n_tasks, -1)
+        return gather(s_idx, shot), y_s, gather(q_idx, query), y_q
 
     def state_dict(self):
         return {"cap": self.cap, "images": dict(self.images)}
 
     def load_state_dict(self, state):
         self.cap = state["cap"]
-        self.images = dict(state["images"])
+        self.images = {c: v.to(self.device) for c, v in state["images"].items()}

@@ -3,6 +3,7 @@ every method and ablation runs and writes its results, a resumed run equals an u
 the NaN guard fires, Ctrl-C leaves a resumable checkpoint, and a mismatched --resume is refused."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,3 +209,28 @@ def test_the_same_command_runs_after_a_failed_start(tmp_path, cache):
         run(tmp_path / "r", cache, "--way", "50")
     assert not (tmp_path / "r").exists()
     assert run(tmp_path / "r", cache)["rounds"] == 3
+
+
+def logged_losses(out):
+    """Every kd / replay_loss value of log.txt, in order."""
+    return [float(v) for line in open(out / "log.txt") for v in re.findall(r"(?:kd|replay_loss) (-?[\d.]+)", line)]
+
+
+def test_vmapped_run_matches_the_per_task_loop(tmp_path, cache, monkeypatch):
+    """The CUDA code path on the CPU: a whole smoke run (warm-up, then a training round with KD, Eq. (3)
+    and replay, validation, meta-test) with --vmap on, i.e. replay meta-batches and meta-test chunks
+    mapped with torch.func.vmap, logs the same losses and reaches the same accuracies as --vmap off.
+    One training round: float32 rounding differences between the paths (1e-4 relative, see
+    test_free.test_vmapped_meta_batch_matches_per_task_loop) would grow round after round through Adam."""
+    seen, use_vmap = [], free.use_vmap
+    monkeypatch.setattr(free, "use_vmap", lambda cfg, device: seen.append(use_vmap(cfg, device)) or seen[-1])
+    on = run(tmp_path / "on", cache, "--vmap", "on", "--rounds", "2")
+    off = run(tmp_path / "off", cache, "--vmap", "off", "--rounds", "2")
+    assert True in seen and False in seen  # both paths really ran
+    l_on, l_off = logged_losses(tmp_path / "on"), logged_losses(tmp_path / "off")
+    assert len(l_on) == len(l_off) == 2  # KD and replay of the training round
+    assert l_on == pytest.approx(l_off, abs=2e-4)  # logged with 4 decimals
+    smoke = free.PRESETS["smoke"]
+    queries = min(smoke["val_tasks"], smoke["test_tasks"]) * free.Config.way * free.Config.query  # 450
+    for key in ("best_val_acc", "test_acc"):  # equal, up to one query whose argmax the rounding flips
+        assert on[key] == pytest.approx(off[key], abs=100 / queries + 1e-6), key
