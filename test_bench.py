@@ -1,6 +1,7 @@
 """bench.py's bookkeeping on hand-made run results (no training): the GPU projection, the run-to-run
 summary, the threads column, and `report` collecting finished runs into results.json, results.md
 and the README."""
+import argparse
 import json
 import os
 
@@ -74,3 +75,27 @@ def test_time_table_shows_the_round_split():
             seconds_per_validation=20.0, test_seconds=65.0)
     md = bench.time_md({"time-omniglot-1shot-free": r})
     assert "| 1 | 10 | 2 | 1.50 | 7.25 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 |" in md
+
+
+TINY = ["--n-teachers", "3", "--zoo-batch", "32", "--B", "2", "--nf", "8", "--meta-batch", "2", "--max-replay", "1",
+        "--val-tasks", "4", "--test-tasks", "4", "--rounds", "3", "--warmup", "1", "--eval-every", "3",
+        "--train-inner-steps", "1", "--test-inner-steps", "2"]
+
+
+def test_gpu_benchmark_runs_on_the_cpu_with_tiny_counts(tmp_path, monkeypatch):
+    """`bench.py gpu`'s whole path (paper preset, 1- and 5-shot, per-phase times, projection, report) on
+    the CPU with tiny counts, so it is known to work before a GPU is at hand."""
+    monkeypatch.chdir(tmp_path)
+    bench.bench_gpu(argparse.Namespace(shots=[1, 5]), device="cpu", extra=TINY)
+    g = json.load(open(os.path.join(bench.OUT, "results.json")))["gpu"]
+    assert g["card"].startswith("cpu") and set(g["runs"]) == {"1", "5"}
+    for r in g["runs"].values():
+        assert all(r[k] > 0 for k in bench.GPU_FIELDS), r
+        assert r["seconds_per_round"] >= r["seconds_per_round_recovery"] + r["seconds_per_round_replay"]
+        assert "--preset paper" in r["command"] and r["projected_minutes"] > 0
+    md = open(os.path.join(bench.OUT, "results.md")).read()
+    assert "### GPU: cpu" in md and md.count(" min |") == 2
+
+
+def test_report_says_plainly_when_no_gpu_run_exists():
+    assert "No GPU run exists yet" in bench.report({})
