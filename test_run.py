@@ -130,9 +130,9 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, cache, monkeypatch):
 
 def test_resume_refuses_a_different_configuration(tmp_path, cache):
     run(tmp_path, cache, "--rounds", "2")
-    with pytest.raises(SystemExit, match="different configuration.*shots"):
+    with pytest.raises(free.UserError, match="different configuration.*shots"):
         run(tmp_path, cache, "--shots", "5", "--resume")
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(free.UserError, match="already holds a run"):
         run(tmp_path, cache)
     assert os.path.exists(tmp_path / "last.pt")
 
