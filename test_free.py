@@ -153,6 +153,12 @@ def flat(d):
     return torch.cat([v.reshape(-1) for v in d.values()])
 
 
+def task_grad(net, p, task):
+    """grad_theta L(T; theta) at the point p, as a dict (no graph kept)."""
+    p = {k: v.clone().requires_grad_() for k, v in p.items()}
+    return dict(zip(p, torch.autograd.grad(maml.distill_loss(net, p, task), list(p.values()))))
+
+
 def test_lemma1_error_is_second_order_in_alpha():
     """Lemma 1, through Eq. (3) as implemented (SGD steps on theta_tilde, tasks T_j then T_i):
     g = (theta - theta_tilde) / (2 alpha) = (grad L_j(theta) + grad L_i(theta - alpha grad L_j)) / 2, and
@@ -203,13 +209,9 @@ def test_eq3_meta_gradient_is_sequential_and_no_align_is_the_mean_gradient():
     theta = {k: v.detach().clone() for k, v in net.named_parameters()}
     tasks = two_kd_tasks((7, 8))
 
-    def g(p, task):
-        p = {k: v.clone().requires_grad_() for k, v in p.items()}
-        return dict(zip(p, torch.autograd.grad(maml.distill_loss(net, p, task), list(p.values()))))
-
-    g1 = g(theta, tasks[0])
+    g1 = task_grad(net, theta, tasks[0])
     theta_1 = {k: theta[k] - a * g1[k] for k in theta}
-    g2_seq, g2_ind = g(theta_1, tasks[1]), g(theta, tasks[1])
+    g2_seq, g2_ind = task_grad(net, theta_1, tasks[1]), task_grad(net, theta, tasks[1])
     aligned, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, optimizer="sgd")
     independent, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, align=False, optimizer="sgd")
     for k in theta:
@@ -229,20 +231,16 @@ def test_eq3_with_adam_follows_two_hand_written_adam_steps():
     theta = {k: v.detach().clone() for k, v in net.named_parameters()}
     tasks = two_kd_tasks((7, 8))
 
-    def g(p, task):
-        p = {k: v.clone().requires_grad_() for k, v in p.items()}
-        return dict(zip(p, torch.autograd.grad(maml.distill_loss(net, p, task), list(p.values()))))
-
-    g1 = g(theta, tasks[0])
+    g1 = task_grad(net, theta, tasks[0])
     theta_1 = {k: theta[k] - a * g1[k] / (g1[k].abs() + eps) for k in theta}
-    g2 = g(theta_1, tasks[1])
+    g2 = task_grad(net, theta_1, tasks[1])
     theta_2 = {}
     for k in theta:
         m_hat = (0.09 * g1[k] + 0.1 * g2[k]) / (1 - 0.9 ** 2)
         v_hat = (0.999 * 0.001 * g1[k] ** 2 + 0.001 * g2[k] ** 2) / (1 - 0.999 ** 2)
         theta_2[k] = theta_1[k] - a * m_hat / (v_hat.sqrt() + eps)
     aligned, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, optimizer="adam")
-    g2_0 = g(theta, tasks[1])
+    g2_0 = task_grad(net, theta, tasks[1])
     independent, _ = maml.align_meta_gradient(net, theta, tasks, alpha=a, align=False, optimizer="adam")
     for k in theta:
         torch.testing.assert_close(aligned[k], (theta[k] - theta_2[k]) / 2)
