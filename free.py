@@ -1,6 +1,7 @@
 """FREE end to end: `python free.py --dataset cifarfs --shots 1`.
 
-Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024, §3 (method) and §4 (setup); counts are the authors' code defaults.
+Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024, §3 (method) and §4
+(setup); the counts are the authors' code defaults.
 The loop, as in the paper's algorithm:
     warm-up: train only the meta-generator (no L_adv, nothing stored);
     each round: sample B teachers -> FIVE: recover each task in k steps, meta-update theta_G
@@ -79,7 +80,7 @@ class Config:
     rounds: int = 1000  # meta-training rounds (authors' default)
     warmup: int = 20  # warm-up rounds, generator only (authors' code: 20)
     B: int = 4  # B, teachers per round (authors' code: 4)
-    k: int = recover.K  # k, generator adaptation steps (paper §3.2: 5)
+    k: int = recover.K  # k, generator adaptation steps: evaluations of Eq. (1) per teacher (paper §3.2: 5)
     n_per_class: int = recover.IMAGES_PER_CLASS  # rows of Z per class (authors' code: 20)
     nf: int = 64  # nf, generator width (supplement Table 1: 64)
     meta_batch: int = 10  # tasks per replay meta-batch (authors' code: 10)
@@ -112,7 +113,7 @@ PRESETS = {
                   recover_steps=3, train_inner_steps=1, test_inner_steps=2),
 }
 # settings whose change makes a checkpoint belong to another run (everything but where/how to run)
-NOT_IDENTITY = ("out", "resume", "device", "data_root", "mirror", "cache", "rounds")
+NOT_IDENTITY = ("out", "resume", "device", "vmap", "data_root", "mirror", "cache", "rounds")
 
 
 # ------------------------------------------------------------------------ command line

@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from models import NF, Generator
 
-K = 5  # k, generator adaptation steps per teacher (paper §3.2: 5)
+K = 5  # k, evaluations of Eq. (1) per teacher: k - 1 Adam steps, the k-th gives task and meta-gradient (paper §3.2: 5)
 GEN_LR = 1e-3  # lr of the inner Adam on (theta_G', Z) and of the meta-generator's Adam (supplement: 1e-3)
 GEN_BETAS = (0.5, 0.999)  # Adam betas of the generator optimisers (authors' code default)
 IMAGES_PER_CLASS = 20  # rows of Z per class: 100 for a 5-way teacher (authors' code default)
