@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -477,13 +478,26 @@ def format_row(row, elapsed, eta):
 # ------------------------------------------------------------------------ main
 
 
+def load_checkpoint(path):
+    """last.pt, on the CPU (the modules copy it to the run's device); a damaged file is a user error."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise UserError(f"--resume: {path} is unreadable ({type(e).__name__}); it is written atomically, so it was changed "
+                        f"outside free.py: start a new run in another --out") from e
+
+
 def check_resume(cfg, out):
     """Refuse to resume a run of another configuration."""
     path = os.path.join(out, "config.json")
     if not os.path.exists(os.path.join(out, "last.pt")):
         raise UserError(f"--resume: no last.pt in {out}; start without --resume")
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume: cannot read {path} ({e}); it is written at a run's start: start a new run "
+                        f"in another --out") from e
     mine = dataclasses.asdict(cfg)
     diff = [k for k in mine if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
     if diff:
@@ -645,7 +659,7 @@ def main(argv=None):
     trainer = Trainer(cfg, ds, teachers, device, log)
     last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
     if cfg.resume:
-        trainer.load_state_dict(torch.load(last_path, weights_only=True, map_location="cpu"))  # modules copy to device
+        trainer.load_state_dict(load_checkpoint(last_path))
         log(f"resumed from {last_path} at round {trainer.round}")
         t_start -= trainer.stats["wall_seconds"]  # wall time counts every process of the run
     if cfg.method == "average":

@@ -170,6 +170,14 @@ def foreign_run(out):
     (out / "config.json").write_text(json.dumps(dict(free.dataclasses.asdict(free.Config()), way=7)))
 
 
+def damaged_run(out):
+    """A --out folder of this configuration whose last.pt is not a checkpoint."""
+    foreign_run(out)
+    cfg = free.parse_args(["--dataset", "synthetic", "--preset", "smoke", "--out", "run", "--cache", "cache", "--resume"])
+    (out / "config.json").write_text(json.dumps(free.dataclasses.asdict(cfg)))
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+
+
 USER_ERRORS = {  # case: (extra free.py arguments, setup of the folder, what the one line must say)
     "corrupt data": (["--dataset", "omniglot", "--data-root", "d"],
                      lambda p: (p / "d").mkdir() or (p / "d" / "images_background.zip").write_bytes(b"no zip"),
@@ -184,6 +192,7 @@ USER_ERRORS = {  # case: (extra free.py arguments, setup of the folder, what the
     "resume of a foreign run": (["--dataset", "synthetic", "--resume"], lambda p: foreign_run(p / "run"),
                                 "belongs to a different configuration"),
     "cuda without cuda": (["--dataset", "synthetic", "--device", "cuda"], None, "no CUDA device"),
+    "resume of a damaged run": (["--dataset", "synthetic", "--resume"], lambda p: damaged_run(p / "run"), "unreadable"),
 }
 
 
@@ -200,7 +209,7 @@ def test_a_user_error_is_one_line_and_a_failed_start_writes_no_run(tmp_path, cas
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
-    if case != "resume of a foreign run":
+    if not case.startswith("resume of a"):
         assert not (tmp_path / "run").exists()  # nothing half-made: the same command runs once the cause is fixed
 
 
