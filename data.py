@@ -520,7 +520,7 @@ def decode_omniglot_sets(background, evaluation, size):
 def load_omniglot(data_root, mirror, image_size):
     """Omniglot from images_background* (and images_evaluation*), folders or zips, in data_root or
     data_root/omniglot; with neither, the two official zips are downloaded (MD5-checked) into
-    data_root/omniglot. Sets read from zips are decoded once and cached beside them (npz)."""
+    data_root/omniglot. The official pair is decoded once and cached beside it (npz)."""
     size = image_size or OMNIGLOT_SIZE
     background = omniglot_sources(data_root, "images_background")
     evaluation = omniglot_sources(data_root, "images_evaluation")
@@ -531,16 +531,15 @@ def load_omniglot(data_root, mirror, image_size):
         root = Path(data_root) / OMNIGLOT_DIR
         background, evaluation = (fetch(root, name, OMNIGLOT_BASE_URL, md5, mirror)
                                   for name, md5 in OMNIGLOT_FILES.items())
-    zips = [s for s in (background, evaluation) if s is not None]
-    cache = None
-    if all(s.suffix == ".zip" for s in zips):  # a folder may change under us: decode it every time
-        cache = background.parent / f"omniglot_{size}_{'+'.join(s.stem for s in zips)}.npz"
+    official = [background.name, evaluation and evaluation.name] == list(OMNIGLOT_FILES)
+    # the official zips (32,460 PNGs) are decoded once; other sets (folders may change, small zips are quick) each time
+    cache = background.parent / f"omniglot_{size}.npz" if official else None
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
             images, labels, names, split_of = z["images"], z["labels"], z["names"].tolist(), z["split_of"].tolist()
     else:
         images, labels, names, split_of = decode_omniglot_sets(background, evaluation, size)
-        if cache is not None and os.access(cache.parent, os.W_OK):  # a read-only copy is decoded each time
+        if cache is not None:
             save_npz_atomic(cache, images=images, labels=labels, names=np.array(names), split_of=np.array(split_of))
     if not {"val", "test"} <= set(split_of):
         raise DataError(f"Omniglot in {data_root}: found no meta-val or meta-test alphabet; expected "
