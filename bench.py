@@ -4,6 +4,7 @@ includes the latter). Every number there is written by this script; none is type
     python bench.py recovery   # speed-up of task recovery at equal quality (paper §4: ~20x)
     python bench.py seeds      # Omniglot 5-way 1/5-shot, seeds 0-2: FREE, baselines, ablations (quick preset)
     python bench.py time       # the quick preset's wall time alone, and where a round's time goes
+    python bench.py rounds     # FREE 1-shot continued past the quick preset's rounds: meta-validation by round
     python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
     python bench.py report     # rewrite bench/results.md from bench/results.json
 
@@ -15,6 +16,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -56,6 +58,7 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)"}
 # the paper's CIFAR-FS numbers (Table 2 of the paper and supplement Table 2, Conv4 5-way), beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
+LONG_ROUNDS = 120  # `bench.py rounds`: the quick preset's FREE 1-shot runs continued to this many rounds (2x)
 JOBS, THREADS = 2, 1  # default runs at a time and torch threads per run (`bench.py time` runs alone, all threads)
 # `bench.py gpu`: the paper preset on CIFAR-FS-shaped synthetic data (32x32x3), 1- and 5-shot, a few rounds timed
 GPU_ROUNDS, GPU_WARMUP = 12, 2  # rounds timed (warm-up included; validation after the last): <= 8 min on one GPU
@@ -321,6 +324,59 @@ def bench_time(args):
         record(results, "time", ("free", [], shots), res, how, name=name)
 
 
+def long_name(rounds, seed):
+    return f"rounds{rounds}-" + run_name("free", seed_flags(seed), 1)
+
+
+def continue_run(src, dst):
+    """Seed a longer run with a finished quick-preset run: its last.pt (the state after the last round),
+    best.pt, config.json and log.txt; free.py --resume --rounds R then carries on from there, exactly as an
+    uninterrupted R-round run would (test_run checks that a resumed run equals an uninterrupted one)."""
+    if os.path.exists(os.path.join(dst, "last.pt")):
+        return
+    if not os.path.exists(os.path.join(src, "results.json")):
+        raise UserError(f"bench.py rounds continues the finished quick-preset runs; {src} has none: run "
+                        f"`python bench.py seeds --shots 1 --only free` first")
+    os.makedirs(dst, exist_ok=True)
+    for f in ("config.json", "log.txt", "best.pt", "last.pt"):  # last.pt last: its presence means "copied"
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+
+
+VAL_LINE = re.compile(r"^round +(\d+) val ([\d.]+) ± ([\d.]+)", re.M)
+
+
+def val_curve(out):
+    """[[round, meta-val accuracy, 95% CI], ...] from a run's log.txt (every meta-validation it made)."""
+    return [[int(r), float(a), float(c)] for r, a, c in VAL_LINE.findall(open(os.path.join(out, "log.txt")).read())]
+
+
+def collect_long(results, rounds):
+    """Read the finished `bench.py rounds` runs of `rounds` rounds back from bench/runs into results["rounds"]."""
+    for seed in SEEDS:
+        out = os.path.join(OUT, "runs", long_name(rounds, seed))
+        if os.path.exists(os.path.join(out, "results.json")):
+            res = json.load(open(os.path.join(out, "results.json")))
+            results.setdefault("rounds", {})[long_name(rounds, seed)] = dict(res, val_curve=val_curve(out))
+
+
+def bench_rounds(args):
+    """FREE 1-shot, seeds 0-2, continued from the quick preset's finished runs to args.rounds rounds
+    (args.jobs at a time): is it still learning, and when does it pass averaging the teachers on meta-validation?"""
+    names = {seed: long_name(args.rounds, seed) for seed in SEEDS}
+    for seed, name in names.items():
+        continue_run(os.path.join(OUT, "runs", run_name("free", seed_flags(seed), 1)), os.path.join(OUT, "runs", name))
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_one, "free", ["--rounds", str(args.rounds)] + seed_flags(seed), 1, args,
+                               name=name): name for seed, name in names.items()}
+        for fut in concurrent.futures.as_completed(futures):
+            res, how = fut.result()
+            print(f"{futures[fut]}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})",
+                  flush=True)
+    results = load_results()  # runs of another bench.py may have finished meanwhile
+    collect_long(results, args.rounds)
+    save_results(results)
+
+
 def copy_recovered_grid(results):
     """bench/recovered.png, shown in the README: the recovered images of FREE 1-shot, seed 0."""
     grid = os.path.join(OUT, "runs", run_name("free", [], 1), "recovered.png")
@@ -404,6 +460,46 @@ def seeds_md(seeds, teachers=None):
     return "\n".join(lines) + "\n"
 
 
+def rounds_md(long, seeds):
+    """Meta-validation by round of FREE 1-shot continued past the quick preset, against `average` on the
+    same validation tasks, and the test accuracy of the best meta-validation checkpoint."""
+    by_seed = {}
+    for r in sorted(long.values(), key=lambda r: r["rounds"]):  # per seed, the longest continuation
+        by_seed[r["seed"]] = r
+    if not by_seed:
+        return ""
+    rounds = max(r["rounds"] for r in by_seed.values())
+    avg = {s: r for s, r in per_seed(seeds, "average", [], 1).items() if r.get("best_val_acc") is not None}
+    lines = [f"### FREE past the quick preset's rounds (1-shot, `python bench.py rounds`: {rounds} rounds)", "",
+             "The quick preset's FREE 1-shot runs continued from their last round (`free.py --resume --rounds "
+             f"{rounds}`, the same state an uninterrupted run would have). Meta-validation accuracy (the same "
+             "200 tasks each time) by round; `average` is the untrained baseline on the same validation tasks. The "
+             "test row is the best meta-validation checkpoint of the whole run, tested once.", "",
+             "| | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|" + "---|" * len(SEEDS)]
+    points = sorted({p[0] for r in by_seed.values() for p in r["val_curve"]})
+    for pt in points:
+        cells = []
+        for s in SEEDS:
+            v = {p[0]: p for p in by_seed[s]["val_curve"]}.get(pt) if s in by_seed else None
+            cells.append(f"{v[1]:.2f} ± {v[2]:.2f}" if v else "–")
+        lines.append(f"| FREE val, round {pt} | " + " | ".join(cells) + " |")
+    lines.append("| average val | " + " | ".join(f"{avg[s]['best_val_acc']:.2f}" if s in avg else "–" for s in SEEDS)
+                 + " |")
+    lines.append(f"| FREE test, best val of {rounds} rounds | " + " | ".join(
+        f"{by_seed[s]['test_acc']:.2f} ± {by_seed[s]['test_ci95']:.2f}" if s in by_seed else "–" for s in SEEDS) + " |")
+    test_avg = per_seed(seeds, "average", [], 1)
+    d = [by_seed[s]["test_acc"] - test_avg[s]["test_acc"] for s in SEEDS if s in by_seed and s in test_avg]
+    lines.append("| FREE − average, test | " + " | ".join(
+        f"{by_seed[s]['test_acc'] - test_avg[s]['test_acc']:+.2f}" if s in by_seed and s in test_avg else "–"
+        for s in SEEDS) + " |")
+    lines.append("| wall s (1 thread, 2 runs at a time) | " + " | ".join(
+        f"{by_seed[s]['wall_seconds']:.0f}" if s in by_seed else "–" for s in SEEDS) + " |")
+    if d:
+        lines += ["", f"FREE − average at {rounds} rounds (test): mean {statistics.mean(d):+.2f}, positive on "
+                      f"{sum(x > 0 for x in d)}/{len(d)} seeds."]
+    return "\n".join(lines) + "\n"
+
+
 def time_md(timed):
     """The quick preset's time alone and where it goes (per-phase seconds that free.py records)."""
     lines = ["### Quick preset: time alone on this 2-core CPU (FREE, seed 0, zoo cached; `python bench.py time`)", "",
@@ -479,6 +575,8 @@ def report(results):
         parts.append(recovery_md(results["recovery"]))
     if "seeds" in results:
         parts.append(seeds_md(results["seeds"], results.get("teachers")))
+    if results.get("rounds"):
+        parts.append(rounds_md(results["rounds"], results.get("seeds", {})))
     if "time" in results:
         parts.append(time_md(results["time"]))
     parts.append(gpu_md(results["gpu"]) if results.get("gpu") else
@@ -496,22 +594,24 @@ def bench_report(args):
         path = os.path.join(OUT, "runs", run_name(*job), "results.json")
         if os.path.exists(path):
             found[run_name(*job)] = json.load(open(path))
+    collect_long(results, args.rounds if args else LONG_ROUNDS)
     copy_recovered_grid(results)
     save_results(results)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("recovery", "seeds", "time", "gpu", "report"))
+    p.add_argument("what", choices=("recovery", "seeds", "time", "rounds", "gpu", "report"))
     p.add_argument("--data-root", default="data", help="Omniglot's folder, as free.py's --data-root (the README's "
                    "figures: a folder holding images_background_small1.zip)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
     p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (seeds)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (seeds)")
+    p.add_argument("--rounds", type=int, default=LONG_ROUNDS, help="rounds: continue FREE 1-shot to this many rounds")
     p.add_argument("--only", nargs="+", help="seeds: only these runs, by label (e.g. free average 'free --no-align')")
     args = p.parse_args()
     t0 = time.perf_counter()
-    {"recovery": bench_recovery, "seeds": bench_seeds, "time": bench_time, "gpu": bench_gpu,
+    {"recovery": bench_recovery, "seeds": bench_seeds, "time": bench_time, "rounds": bench_rounds, "gpu": bench_gpu,
      "report": bench_report}[args.what](args)
     print(f"bench.py {args.what}: {time.perf_counter() - t0:.0f}s; see {OUT}/results.md")
 

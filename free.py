@@ -664,6 +664,8 @@ def main(argv=None):
         t_start -= trainer.stats["wall_seconds"]  # wall time counts every process of the run
     if cfg.method == "average":
         average_teachers(trainer.model, teachers)
+    if cfg.method in ("random", "average"):  # untrained baselines: one meta-validation, comparable with FREE's
+        validate(cfg, trainer, best_path)
     if cfg.method in ("free", "maml") and not train(cfg, trainer, t_start, last_path, best_path):
         return None  # stopped by Ctrl-C
 

@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 
+import pytest
+
 import bench
 import free
 
@@ -99,3 +101,40 @@ def test_gpu_benchmark_runs_on_the_cpu_with_tiny_counts(tmp_path, monkeypatch):
 
 def test_report_says_plainly_when_no_gpu_run_exists():
     assert "No GPU run exists yet" in bench.report({})
+
+
+def test_val_curve_reads_every_validation_of_a_log(tmp_path):
+    (tmp_path / "log.txt").write_text("round   19 train   | rec 1.0s\nround   20 val 57.74 ± 1.41 (best 57.74)\n"
+                                      "resumed from last.pt at round 60\nround   80 val 61.05 ± 1.50 (best 61.05)\n")
+    assert bench.val_curve(str(tmp_path)) == [[20, 57.74, 1.41], [80, 61.05, 1.5]]
+
+
+def test_continue_run_copies_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for f in ("config.json", "log.txt", "best.pt", "last.pt"):
+        (src / f).write_text(f)
+    with pytest.raises(bench.UserError, match="bench.py seeds"):  # unfinished: no results.json
+        bench.continue_run(str(src), str(dst))
+    assert not dst.exists()
+    (src / "results.json").write_text("{}")
+    bench.continue_run(str(src), str(dst))
+    assert sorted(os.listdir(dst)) == ["best.pt", "config.json", "last.pt", "log.txt"]
+    (dst / "last.pt").write_text("trained further")
+    bench.continue_run(str(src), str(dst))  # already continued: left as it is
+    assert (dst / "last.pt").read_text() == "trained further"
+
+
+def test_rounds_table_by_hand():
+    curves = {0: [[20, 50.0, 1.0], [120, 70.0, 1.0]], 1: [[20, 52.0, 1.0], [120, 66.0, 1.0]]}
+    long = {bench.long_name(120, s): run(t, seed=s, rounds=120, val_curve=curves[s]) for s, t in ((0, 71.0), (1, 64.0))}
+    seeds = {bench.run_name("average", bench.seed_flags(s), 1): run(65.0, best_val_acc=v)
+             for s, v in ((0, 63.0), (1, 64.5))}
+    md = bench.rounds_md(long, seeds)
+    assert "| FREE val, round 20 | 50.00 ± 1.00 | 52.00 ± 1.00 | – |" in md
+    assert "| FREE val, round 120 | 70.00 ± 1.00 | 66.00 ± 1.00 | – |" in md
+    assert "| average val | 63.00 | 64.50 | – |" in md
+    assert "| FREE test, best val of 120 rounds | 71.00 ± 0.50 | 64.00 ± 0.50 | – |" in md
+    # FREE - average on test: 71 - 65 = +6, 64 - 65 = -1; mean +2.50
+    assert "| FREE − average, test | +6.00 | -1.00 | – |" in md
+    assert "mean +2.50, positive on 1/2 seeds" in md

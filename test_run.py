@@ -49,6 +49,7 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     assert json.load(open(tmp_path / "config.json"))["preset"] == "smoke"
     if res["method"] in ("free", "maml"):  # MAML replay ran (from the memory bank, or real data for maml)
         assert "replay_acc" in open(tmp_path / "log.txt").read()
+    assert res["best_val_acc"] is not None  # every method has a meta-validation accuracy to compare on
     if res["method"] == "free":
         assert (tmp_path / "recovered.png").exists() and res["recovery_seconds_total"] > 0
         assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 3
