@@ -5,6 +5,7 @@ includes the latter). Every number there is written by this script; none is type
     python bench.py seeds      # Omniglot 5-way 1/5-shot, seeds 0-2: FREE, baselines, ablations (quick preset)
     python bench.py time       # the quick preset's wall time alone, and where a round's time goes
     python bench.py rounds     # FREE 1-shot continued past the quick preset's rounds: meta-validation by round
+                               # (--rounds R: from the longest finished run of each seed below R; default 200)
     python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
     python bench.py report     # rewrite bench/results.md from bench/results.json
 
@@ -58,7 +59,7 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)"}
 # the paper's CIFAR-FS numbers (Table 2 of the paper and supplement Table 2, Conv4 5-way), beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
-LONG_ROUNDS = 120  # `bench.py rounds`: the quick preset's FREE 1-shot runs continued to this many rounds (2x)
+LONG_ROUNDS = 200  # `bench.py rounds`: the quick preset's FREE 1-shot runs continued to this many rounds
 JOBS, THREADS = 2, 1  # default runs at a time and torch threads per run (`bench.py time` runs alone, all threads)
 # `bench.py gpu`: the paper preset on CIFAR-FS-shaped synthetic data (32x32x3), 1- and 5-shot, a few rounds timed
 GPU_ROUNDS, GPU_WARMUP = 12, 2  # rounds timed (warm-up included; validation after the last): <= 8 min on one GPU
@@ -328,6 +329,18 @@ def long_name(rounds, seed):
     return f"rounds{rounds}-" + run_name("free", seed_flags(seed), 1)
 
 
+def longest_before(seed, rounds):
+    """The finished FREE 1-shot run of `seed` with the most rounds below `rounds`: the quick preset's run,
+    or an earlier `bench.py rounds` continuation of it."""
+    runs = os.path.join(OUT, "runs")
+    best, best_rounds = os.path.join(runs, run_name("free", seed_flags(seed), 1)), 0
+    for name in os.listdir(runs) if os.path.isdir(runs) else ():
+        m = re.fullmatch(r"rounds(\d+)-" + re.escape(run_name("free", seed_flags(seed), 1)), name)
+        if m and best_rounds < int(m.group(1)) < rounds and os.path.exists(os.path.join(runs, name, "results.json")):
+            best, best_rounds = os.path.join(runs, name), int(m.group(1))
+    return best
+
+
 def continue_run(src, dst):
     """Seed a longer run with a finished quick-preset run: its last.pt (the state after the last round),
     best.pt, config.json and log.txt; free.py --resume --rounds R then carries on from there, exactly as an
@@ -350,13 +363,16 @@ def val_curve(out):
     return [[int(r), float(a), float(c)] for r, a, c in VAL_LINE.findall(open(os.path.join(out, "log.txt")).read())]
 
 
-def collect_long(results, rounds):
-    """Read the finished `bench.py rounds` runs of `rounds` rounds back from bench/runs into results["rounds"]."""
-    for seed in SEEDS:
-        out = os.path.join(OUT, "runs", long_name(rounds, seed))
-        if os.path.exists(os.path.join(out, "results.json")):
-            res = json.load(open(os.path.join(out, "results.json")))
-            results.setdefault("rounds", {})[long_name(rounds, seed)] = dict(res, val_curve=val_curve(out))
+LONG_RUN = re.compile(r"rounds(\d+)-omniglot-1shot-free(-seed-\d+)?")
+
+
+def collect_long(results):
+    """Read every finished `bench.py rounds` run back from bench/runs into results["rounds"]."""
+    runs = os.path.join(OUT, "runs")
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else ():
+        path = os.path.join(runs, name, "results.json")
+        if LONG_RUN.fullmatch(name) and os.path.exists(path):
+            results.setdefault("rounds", {})[name] = dict(json.load(open(path)), val_curve=val_curve(os.path.join(runs, name)))
 
 
 def bench_rounds(args):
@@ -364,7 +380,7 @@ def bench_rounds(args):
     (args.jobs at a time): is it still learning, and when does it pass averaging the teachers on meta-validation?"""
     names = {seed: long_name(args.rounds, seed) for seed in SEEDS}
     for seed, name in names.items():
-        continue_run(os.path.join(OUT, "runs", run_name("free", seed_flags(seed), 1)), os.path.join(OUT, "runs", name))
+        continue_run(longest_before(seed, args.rounds), os.path.join(OUT, "runs", name))
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, "free", ["--rounds", str(args.rounds)] + seed_flags(seed), 1, args,
                                name=name): name for seed, name in names.items()}
@@ -373,7 +389,7 @@ def bench_rounds(args):
             print(f"{futures[fut]}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})",
                   flush=True)
     results = load_results()  # runs of another bench.py may have finished meanwhile
-    collect_long(results, args.rounds)
+    collect_long(results)
     save_results(results)
 
 
@@ -462,42 +478,43 @@ def seeds_md(seeds, teachers=None):
 
 def rounds_md(long, seeds):
     """Meta-validation by round of FREE 1-shot continued past the quick preset, against `average` on the
-    same validation tasks, and the test accuracy of the best meta-validation checkpoint."""
-    by_seed = {}
-    for r in sorted(long.values(), key=lambda r: r["rounds"]):  # per seed, the longest continuation
-        by_seed[r["seed"]] = r
-    if not by_seed:
+    same validation tasks, and, for each length run, the test accuracy of its best meta-validation checkpoint."""
+    by_length = {}  # {rounds: {seed: results}}
+    for r in long.values():
+        by_length.setdefault(r["rounds"], {})[r["seed"]] = r
+    if not by_length:
         return ""
-    rounds = max(r["rounds"] for r in by_seed.values())
-    avg = {s: r for s, r in per_seed(seeds, "average", [], 1).items() if r.get("best_val_acc") is not None}
-    lines = [f"### FREE past the quick preset's rounds (1-shot, `python bench.py rounds`: {rounds} rounds)", "",
-             "The quick preset's FREE 1-shot runs continued from their last round (`free.py --resume --rounds "
-             f"{rounds}`, the same state an uninterrupted run would have). Meta-validation accuracy (the same "
-             "200 tasks each time) by round; `average` is the untrained baseline on the same validation tasks. The "
-             "test row is the best meta-validation checkpoint of the whole run, tested once.", "",
+    longest = by_length[max(by_length)]  # its log holds every validation since round 1
+    avg = per_seed(seeds, "average", [], 1)
+    lines = [f"### FREE past the quick preset's rounds (1-shot, `python bench.py rounds`)", "",
+             "The quick preset's FREE 1-shot runs continued from their last round (`free.py --resume --rounds R`: "
+             "the state an uninterrupted R-round run would have), one thread each, two runs at a time. "
+             "Meta-validation accuracy (the same 200 tasks each time) by round; `average` is the untrained baseline "
+             "on the same validation tasks. A test row is the best meta-validation checkpoint of an R-round run, "
+             "tested once.", "",
              "| | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|" + "---|" * len(SEEDS)]
-    points = sorted({p[0] for r in by_seed.values() for p in r["val_curve"]})
-    for pt in points:
+    for pt in sorted({p[0] for r in longest.values() for p in r["val_curve"]}):
         cells = []
         for s in SEEDS:
-            v = {p[0]: p for p in by_seed[s]["val_curve"]}.get(pt) if s in by_seed else None
+            v = {p[0]: p for p in longest[s]["val_curve"]}.get(pt) if s in longest else None
             cells.append(f"{v[1]:.2f} ± {v[2]:.2f}" if v else "–")
         lines.append(f"| FREE val, round {pt} | " + " | ".join(cells) + " |")
-    lines.append("| average val | " + " | ".join(f"{avg[s]['best_val_acc']:.2f}" if s in avg else "–" for s in SEEDS)
-                 + " |")
-    lines.append(f"| FREE test, best val of {rounds} rounds | " + " | ".join(
-        f"{by_seed[s]['test_acc']:.2f} ± {by_seed[s]['test_ci95']:.2f}" if s in by_seed else "–" for s in SEEDS) + " |")
-    test_avg = per_seed(seeds, "average", [], 1)
-    d = [by_seed[s]["test_acc"] - test_avg[s]["test_acc"] for s in SEEDS if s in by_seed and s in test_avg]
-    lines.append("| FREE − average, test | " + " | ".join(
-        f"{by_seed[s]['test_acc'] - test_avg[s]['test_acc']:+.2f}" if s in by_seed and s in test_avg else "–"
-        for s in SEEDS) + " |")
-    lines.append("| wall s (1 thread, 2 runs at a time) | " + " | ".join(
-        f"{by_seed[s]['wall_seconds']:.0f}" if s in by_seed else "–" for s in SEEDS) + " |")
-    if d:
-        lines += ["", f"FREE − average at {rounds} rounds (test): mean {statistics.mean(d):+.2f}, positive on "
-                      f"{sum(x > 0 for x in d)}/{len(d)} seeds."]
-    return "\n".join(lines) + "\n"
+    lines.append("| average val | " + " | ".join(
+        f"{avg[s]['best_val_acc']:.2f}" if avg.get(s, {}).get("best_val_acc") is not None else "–" for s in SEEDS) + " |")
+    summary = []
+    for rounds, runs in sorted(by_length.items()):
+        lines.append(f"| FREE test, {rounds} rounds | " + " | ".join(
+            f"{runs[s]['test_acc']:.2f} ± {runs[s]['test_ci95']:.2f}" if s in runs else "–" for s in SEEDS) + " |")
+        diff = {s: runs[s]["test_acc"] - avg[s]["test_acc"] for s in SEEDS if s in runs and s in avg}
+        lines.append(f"| FREE − average, test, {rounds} rounds | " + " | ".join(
+            f"{diff[s]:+.2f}" if s in diff else "–" for s in SEEDS) + " |")
+        lines.append(f"| wall s, {rounds} rounds | " + " | ".join(
+            f"{runs[s]['wall_seconds']:.0f}" if s in runs else "–" for s in SEEDS) + " |")
+        if diff:
+            d = list(diff.values())
+            summary.append(f"- {rounds} rounds, FREE − average (test): mean {statistics.mean(d):+.2f}, positive on "
+                           f"{sum(x > 0 for x in d)}/{len(d)} seeds.")
+    return "\n".join(lines + [""] + summary) + "\n"
 
 
 def time_md(timed):
@@ -594,7 +611,7 @@ def bench_report(args):
         path = os.path.join(OUT, "runs", run_name(*job), "results.json")
         if os.path.exists(path):
             found[run_name(*job)] = json.load(open(path))
-    collect_long(results, args.rounds if args else LONG_ROUNDS)
+    collect_long(results)
     copy_recovered_grid(results)
     save_results(results)
 

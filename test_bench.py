@@ -128,13 +128,33 @@ def test_continue_run_copies_a_finished_run_and_refuses_an_unfinished_one(tmp_pa
 def test_rounds_table_by_hand():
     curves = {0: [[20, 50.0, 1.0], [120, 70.0, 1.0]], 1: [[20, 52.0, 1.0], [120, 66.0, 1.0]]}
     long = {bench.long_name(120, s): run(t, seed=s, rounds=120, val_curve=curves[s]) for s, t in ((0, 71.0), (1, 64.0))}
+    long[bench.long_name(80, 0)] = run(60.0, seed=0, rounds=80, val_curve=curves[0][:1])
     seeds = {bench.run_name("average", bench.seed_flags(s), 1): run(65.0, best_val_acc=v)
              for s, v in ((0, 63.0), (1, 64.5))}
     md = bench.rounds_md(long, seeds)
-    assert "| FREE val, round 20 | 50.00 ± 1.00 | 52.00 ± 1.00 | – |" in md
+    assert "| FREE val, round 20 | 50.00 ± 1.00 | 52.00 ± 1.00 | – |" in md  # the longest runs' logs
     assert "| FREE val, round 120 | 70.00 ± 1.00 | 66.00 ± 1.00 | – |" in md
     assert "| average val | 63.00 | 64.50 | – |" in md
-    assert "| FREE test, best val of 120 rounds | 71.00 ± 0.50 | 64.00 ± 0.50 | – |" in md
+    assert "| FREE test, 80 rounds | 60.00 ± 0.50 | – | – |" in md
+    assert "| FREE test, 120 rounds | 71.00 ± 0.50 | 64.00 ± 0.50 | – |" in md
     # FREE - average on test: 71 - 65 = +6, 64 - 65 = -1; mean +2.50
-    assert "| FREE − average, test | +6.00 | -1.00 | – |" in md
-    assert "mean +2.50, positive on 1/2 seeds" in md
+    assert "| FREE − average, test, 120 rounds | +6.00 | -1.00 | – |" in md
+    assert "- 120 rounds, FREE − average (test): mean +2.50, positive on 1/2 seeds." in md
+    assert "- 80 rounds, FREE − average (test): mean -5.00, positive on 0/1 seeds." in md
+
+
+def test_a_longer_run_continues_the_longest_finished_one_below_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / bench.OUT / "runs"
+    for name, finished in (("omniglot-1shot-free", True), ("rounds120-omniglot-1shot-free", True),
+                           ("rounds160-omniglot-1shot-free", False), ("rounds120-omniglot-1shot-free-seed-1", True)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "log.txt").write_text("round   20 val 50.00 ± 1.00 (best 50.00)\n")
+        if finished:
+            (runs / name / "results.json").write_text(json.dumps(run(60.0, seed=0, rounds=120)))
+    assert bench.longest_before(0, 200).endswith(os.path.join("runs", "rounds120-omniglot-1shot-free"))
+    assert bench.longest_before(0, 120).endswith(os.path.join("runs", "omniglot-1shot-free"))  # not itself
+    results = {}
+    bench.collect_long(results)  # finished continuations only, with their validation curves
+    assert set(results["rounds"]) == {"rounds120-omniglot-1shot-free", "rounds120-omniglot-1shot-free-seed-1"}
+    assert results["rounds"]["rounds120-omniglot-1shot-free"]["val_curve"] == [[20, 50.0, 1.0]]
