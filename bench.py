@@ -376,9 +376,9 @@ def collect_long(results):
 
 
 def bench_rounds(args):
-    """FREE 1-shot, seeds 0-2, continued from the quick preset's finished runs to args.rounds rounds
-    (args.jobs at a time): is it still learning, and when does it pass averaging the teachers on meta-validation?"""
-    names = {seed: long_name(args.rounds, seed) for seed in SEEDS}
+    """FREE 1-shot, seeds args.seeds (default 0-2), continued from the quick preset's finished runs to args.rounds
+    rounds (args.jobs at a time): is it still learning, and when does it pass averaging the teachers on meta-validation?"""
+    names = {seed: long_name(args.rounds, seed) for seed in args.seeds}
     for seed, name in names.items():
         continue_run(longest_before(seed, args.rounds), os.path.join(OUT, "runs", name))
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -625,6 +625,7 @@ def main():
     p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (seeds)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (seeds)")
     p.add_argument("--rounds", type=int, default=LONG_ROUNDS, help="rounds: continue FREE 1-shot to this many rounds")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=SEEDS, help="rounds: only these seeds")
     p.add_argument("--only", nargs="+", help="seeds: only these runs, by label (e.g. free average 'free --no-align')")
     args = p.parse_args()
     t0 = time.perf_counter()
