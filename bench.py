@@ -479,12 +479,15 @@ def seeds_md(seeds, teachers=None):
 def rounds_md(long, seeds):
     """Meta-validation by round of FREE 1-shot continued past the quick preset, against `average` on the
     same validation tasks, and, for each length run, the test accuracy of its best meta-validation checkpoint."""
-    by_length = {}  # {rounds: {seed: results}}
-    for r in long.values():
+    by_length, longest = {}, {}  # {rounds: {seed: results}}, {seed: its longest run}
+    for r in sorted(long.values(), key=lambda r: r["rounds"]):
         by_length.setdefault(r["rounds"], {})[r["seed"]] = r
+        longest[r["seed"]] = r  # its log holds every validation since round 1
     if not by_length:
         return ""
-    longest = by_length[max(by_length)]  # its log holds every validation since round 1
+    quick = per_seed(seeds, "free", [], 1)
+    if quick:
+        by_length = {next(iter(quick.values()))["rounds"]: quick, **by_length}  # the quick preset's own runs first
     avg = per_seed(seeds, "average", [], 1)
     lines = [f"### FREE past the quick preset's rounds (1-shot, `python bench.py rounds`)", "",
              "The quick preset's FREE 1-shot runs continued from their last round (`free.py --resume --rounds R`: "

@@ -131,7 +131,10 @@ def test_rounds_table_by_hand():
     long[bench.long_name(80, 0)] = run(60.0, seed=0, rounds=80, val_curve=curves[0][:1])
     seeds = {bench.run_name("average", bench.seed_flags(s), 1): run(65.0, best_val_acc=v)
              for s, v in ((0, 63.0), (1, 64.5))}
+    seeds[bench.run_name("free", [], 1)] = run(58.0, seed=0, rounds=60)  # the quick preset's own run
     md = bench.rounds_md(long, seeds)
+    assert "| FREE test, 60 rounds | 58.00 ± 0.50 | – | – |" in md
+    assert md.index("test, 60 rounds") < md.index("test, 80 rounds") < md.index("test, 120 rounds")
     assert "| FREE val, round 20 | 50.00 ± 1.00 | 52.00 ± 1.00 | – |" in md  # the longest runs' logs
     assert "| FREE val, round 120 | 70.00 ± 1.00 | 66.00 ± 1.00 | – |" in md
     assert "| average val | 63.00 | 64.50 | – |" in md
