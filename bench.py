@@ -491,7 +491,8 @@ def rounds_md(long, seeds):
     avg = per_seed(seeds, "average", [], 1)
     lines = [f"### FREE past the quick preset's rounds (1-shot, `python bench.py rounds`)", "",
              "The quick preset's FREE 1-shot runs continued from their last round (`free.py --resume --rounds R`: "
-             "the state an uninterrupted R-round run would have), one thread each, two runs at a time. "
+             "the state an uninterrupted R-round run would have), one thread each; other runs shared the two cores, "
+             "so the wall times (every process of a run, summed) overstate a run alone. "
              "Meta-validation accuracy (the same 200 tasks each time) by round; `average` is the untrained baseline "
              "on the same validation tasks. A test row is the best meta-validation checkpoint of an R-round run, "
              "tested once.", "",
