@@ -342,7 +342,7 @@ def longest_before(seed, rounds):
 
 
 def continue_run(src, dst):
-    """Seed a longer run with a finished quick-preset run: its last.pt (the state after the last round),
+    """Seed a longer run with a finished shorter one (`longest_before`): its last.pt (the state after its last round),
     best.pt, config.json and log.txt; free.py --resume --rounds R then carries on from there, exactly as an
     uninterrupted R-round run would (test_run checks that a resumed run equals an uninterrupted one)."""
     if os.path.exists(os.path.join(dst, "last.pt")):
