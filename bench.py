@@ -476,7 +476,7 @@ def seeds_md(seeds, teachers=None):
     return "\n".join(lines) + "\n"
 
 
-def rounds_md(long, seeds):
+def rounds_md(long, seeds, timed=None):
     """Meta-validation by round of FREE 1-shot continued past the quick preset, against `average` on the
     same validation tasks, and, for each length run, the test accuracy of its best meta-validation checkpoint."""
     by_length, longest = {}, {}  # {rounds: {seed: results}}, {seed: its longest run}
@@ -516,8 +516,14 @@ def rounds_md(long, seeds):
             f"{runs[s]['wall_seconds']:.0f}" if s in runs else "–" for s in SEEDS) + " |")
         if diff:
             d = list(diff.values())
+            alone = ""
+            if timed:  # the 1-shot run of `bench.py time`: its round, validation and test times, at this length
+                cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--rounds", str(rounds)])
+                alone = (f" Alone on this CPU: {projected_seconds(timed, cfg) / 60:.0f} min (projected from the "
+                         f"times of `bench.py time`).")
             summary.append(f"- {rounds} rounds, FREE − average (test): mean {statistics.mean(d):+.2f}, positive on "
-                           f"{sum(x > 0 for x in d)}/{len(d)} seeds.")
+                           f"{sum(x > 0 for x in d)}/{len(d)} seeds; FREE {spread([runs[s]['test_acc'] for s in runs])}."
+                           + alone)
     return "\n".join(lines + [""] + summary) + "\n"
 
 
@@ -597,7 +603,8 @@ def report(results):
     if "seeds" in results:
         parts.append(seeds_md(results["seeds"], results.get("teachers")))
     if results.get("rounds"):
-        parts.append(rounds_md(results["rounds"], results.get("seeds", {})))
+        timed = results.get("time", {}).get("time-" + run_name("free", [], 1))
+        parts.append(rounds_md(results["rounds"], results.get("seeds", {}), timed))
     if "time" in results:
         parts.append(time_md(results["time"]))
     parts.append(gpu_md(results["gpu"]) if results.get("gpu") else

@@ -142,8 +142,13 @@ def test_rounds_table_by_hand():
     assert "| FREE test, 120 rounds | 71.00 ± 0.50 | 64.00 ± 0.50 | – |" in md
     # FREE - average on test: 71 - 65 = +6, 64 - 65 = -1; mean +2.50
     assert "| FREE − average, test, 120 rounds | +6.00 | -1.00 | – |" in md
-    assert "- 120 rounds, FREE − average (test): mean +2.50, positive on 1/2 seeds." in md
-    assert "- 80 rounds, FREE − average (test): mean -5.00, positive on 0/1 seeds." in md
+    # FREE over seeds at 120 rounds: 71 and 64, mean 67.50, sample std 4.95
+    assert "- 120 rounds, FREE − average (test): mean +2.50, positive on 1/2 seeds; FREE 67.50 ± 4.95 (n = 2)." in md
+    assert "- 80 rounds, FREE − average (test): mean -5.00, positive on 0/1 seeds; FREE 60.00 (n = 1)." in md
+    timed = {"seconds_per_warmup_round": 1.0, "seconds_per_round": 2.0, "seconds_per_validation": 5.0,
+             "test_seconds": 7.0}
+    # quick preset at 120 rounds: 10 warm-up rounds, 110 training rounds, validations at 20, 40, ..., 120, the test
+    assert "Alone on this CPU: 4 min" in bench.rounds_md(long, seeds, timed)  # 10 + 220 + 6 * 5 + 7 = 267 s
 
 
 def test_a_longer_run_continues_the_longest_finished_one_below_it(tmp_path, monkeypatch):
