@@ -363,6 +363,15 @@ def val_curve(out):
     return [[int(r), float(a), float(c)] for r, a, c in VAL_LINE.findall(open(os.path.join(out, "log.txt")).read())]
 
 
+REPLAY_LINE = re.compile(r"^round +(\d+) train .*replay_acc ([\d.]+)", re.M)
+REPLAY_WINDOW = 10  # rounds over which the replay accuracy is averaged (it varies from meta-batch to meta-batch)
+
+
+def replay_curve(out):
+    """[[round, MAML replay query accuracy], ...] of the training rounds in a run's log.txt."""
+    return [[int(r), float(a)] for r, a in REPLAY_LINE.findall(open(os.path.join(out, "log.txt")).read())]
+
+
 LONG_RUN = re.compile(r"rounds(\d+)-omniglot-1shot-free(-seed-\d+)?")
 
 
@@ -372,7 +381,9 @@ def collect_long(results):
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else ():
         path = os.path.join(runs, name, "results.json")
         if LONG_RUN.fullmatch(name) and os.path.exists(path):
-            results.setdefault("rounds", {})[name] = dict(json.load(open(path)), val_curve=val_curve(os.path.join(runs, name)))
+            out = os.path.join(runs, name)
+            results.setdefault("rounds", {})[name] = dict(json.load(open(path)), val_curve=val_curve(out),
+                                                          replay_curve=replay_curve(out))
 
 
 def bench_rounds(args):
@@ -495,7 +506,8 @@ def rounds_md(long, seeds, timed=None):
              "so the wall times (every process of a run, summed) overstate a run alone. "
              "Meta-validation accuracy (the same 200 tasks each time) by round; `average` is the untrained baseline "
              "on the same validation tasks. A test row is the best meta-validation checkpoint of an R-round run, "
-             "tested once.", "",
+             f"tested once; replay_acc is MAML replay's query accuracy on memory-bank tasks (chance 0.2), the mean "
+             f"of the {REPLAY_WINDOW} rounds up to R.", "",
              "| | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|" + "---|" * len(SEEDS)]
     for pt in sorted({p[0] for r in longest.values() for p in r["val_curve"]}):
         cells = []
@@ -512,6 +524,10 @@ def rounds_md(long, seeds, timed=None):
         diff = {s: runs[s]["test_acc"] - avg[s]["test_acc"] for s in SEEDS if s in runs and s in avg}
         lines.append(f"| FREE − average, test, {rounds} rounds | " + " | ".join(
             f"{diff[s]:+.2f}" if s in diff else "–" for s in SEEDS) + " |")
+        replay = {s: [a for r, a in longest[s].get("replay_curve", []) if rounds - REPLAY_WINDOW < r <= rounds]
+                  for s in longest}
+        lines.append(f"| replay_acc, rounds {rounds - REPLAY_WINDOW + 1}-{rounds} | " + " | ".join(
+            f"{statistics.mean(replay[s]):.3f}" if replay.get(s) else "–" for s in SEEDS) + " |")
         lines.append(f"| wall s, {rounds} rounds | " + " | ".join(
             f"{runs[s]['wall_seconds']:.0f}" if s in runs else "–" for s in SEEDS) + " |")
         if diff:

@@ -103,10 +103,12 @@ def test_report_says_plainly_when_no_gpu_run_exists():
     assert "No GPU run exists yet" in bench.report({})
 
 
-def test_val_curve_reads_every_validation_of_a_log(tmp_path):
-    (tmp_path / "log.txt").write_text("round   19 train   | rec 1.0s\nround   20 val 57.74 ± 1.41 (best 57.74)\n"
+def test_val_and_replay_curves_are_read_from_a_log(tmp_path):
+    (tmp_path / "log.txt").write_text("round   19 train   | rec 1.0s | replay_acc 0.410 | x4\n"
+                                      "round   20 val 57.74 ± 1.41 (best 57.74)\n"
                                       "resumed from last.pt at round 60\nround   80 val 61.05 ± 1.50 (best 61.05)\n")
     assert bench.val_curve(str(tmp_path)) == [[20, 57.74, 1.41], [80, 61.05, 1.5]]
+    assert bench.replay_curve(str(tmp_path)) == [[19, 0.41]]
 
 
 def test_continue_run_copies_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
@@ -129,11 +131,13 @@ def test_rounds_table_by_hand():
     curves = {0: [[20, 50.0, 1.0], [120, 70.0, 1.0]], 1: [[20, 52.0, 1.0], [120, 66.0, 1.0]]}
     long = {bench.long_name(120, s): run(t, seed=s, rounds=120, val_curve=curves[s]) for s, t in ((0, 71.0), (1, 64.0))}
     long[bench.long_name(80, 0)] = run(60.0, seed=0, rounds=80, val_curve=curves[0][:1])
+    long[bench.long_name(120, 0)]["replay_curve"] = [[r, 0.2 if r <= 110 else 0.5] for r in range(11, 121)]
     seeds = {bench.run_name("average", bench.seed_flags(s), 1): run(65.0, best_val_acc=v)
              for s, v in ((0, 63.0), (1, 64.5))}
     seeds[bench.run_name("free", [], 1)] = run(58.0, seed=0, rounds=60)  # the quick preset's own run
     md = bench.rounds_md(long, seeds)
     assert "| FREE test, 60 rounds | 58.00 ± 0.50 | – | – |" in md
+    assert "| replay_acc, rounds 51-60 | 0.200 | – | – |" in md and "| replay_acc, rounds 111-120 | 0.500 | – | – |" in md
     assert md.index("test, 60 rounds") < md.index("test, 80 rounds") < md.index("test, 120 rounds")
     assert "| FREE val, round 20 | 50.00 ± 1.00 | 52.00 ± 1.00 | – |" in md  # the longest runs' logs
     assert "| FREE val, round 120 | 70.00 ± 1.00 | 66.00 ± 1.00 | – |" in md
