@@ -547,13 +547,14 @@ def time_md(timed):
     """The quick preset's time alone and where it goes (per-phase seconds that free.py records)."""
     lines = ["### Quick preset: time alone on this 2-core CPU (FREE, seed 0, zoo cached; `python bench.py time`)", "",
              "| shots | wall s | threads | warm-up round s | round s | of which recovery / KD + Eq. (3) / replay | "
-             "validation s (each) | meta-test s |", "|---|---|---|---|---|---|---|---|"]
+             "validation s (each) | meta-test s | test accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(timed.items()):
         phases = [r.get(k) for k in ("seconds_per_round_recovery", "seconds_per_round_kd", "seconds_per_round_replay")]
         split = " / ".join(f"{p:.2f}" for p in phases) if all(p is not None for p in phases) else "–"
         lines.append(f"| {r['shots']} | {r['wall_seconds']:.0f} | {r.get('torch_threads', '?')} | "
                      f"{r['seconds_per_warmup_round']:.2f} | {r['seconds_per_round']:.2f} | {split} | "
-                     f"{r['seconds_per_validation']:.1f} | {r['test_seconds']:.1f} |")
+                     f"{r['seconds_per_validation']:.1f} | {r['test_seconds']:.1f} | "
+                     f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

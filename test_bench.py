@@ -76,7 +76,7 @@ def test_time_table_shows_the_round_split():
             seconds_per_round_recovery=1.0, seconds_per_round_kd=0.25, seconds_per_round_replay=6.0,
             seconds_per_validation=20.0, test_seconds=65.0)
     md = bench.time_md({"time-omniglot-1shot-free": r})
-    assert "| 1 | 10 | 2 | 1.50 | 7.25 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 |" in md
+    assert "| 1 | 10 | 2 | 1.50 | 7.25 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 | 60.00 ± 0.50 |" in md
 
 
 TINY = ["--n-teachers", "3", "--zoo-batch", "32", "--B", "2", "--nf", "8", "--meta-batch", "2", "--max-replay", "1",
