@@ -292,11 +292,16 @@ def build_quick_zoo(args, seed, results):
     results.setdefault("teachers", {})[str(seed)] = teacher_accuracy_under_A(teachers, ds)
 
 
+def run_line(name, res, how):
+    """One finished run, as bench.py prints it: test accuracy, wall time, and whether it ran or was cached."""
+    return f"{name}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})"
+
+
 def record(results, key, job, res, how, name=None):
     """Store one run's results under results[key], print it, and rewrite results.json/.md."""
     name = name or run_name(*job)
     results.setdefault(key, {})[name] = res
-    print(f"{name}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})", flush=True)
+    print(run_line(name, res, how), flush=True)
     save_results(results)
 
 
@@ -329,15 +334,20 @@ def long_name(rounds, seed):
     return f"rounds{rounds}-" + run_name("free", seed_flags(seed), 1)
 
 
+LONG_RUN = re.compile(r"rounds(\d+)-" + re.escape(run_name("free", [], 1)) + r"(-seed-\d+)?")  # a long_name
+
+
 def longest_before(seed, rounds):
     """The finished FREE 1-shot run of `seed` with the most rounds below `rounds`: the quick preset's run,
     or an earlier `bench.py rounds` continuation of it."""
     runs = os.path.join(OUT, "runs")
     best, best_rounds = os.path.join(runs, run_name("free", seed_flags(seed), 1)), 0
     for name in os.listdir(runs) if os.path.isdir(runs) else ():
-        m = re.fullmatch(r"rounds(\d+)-" + re.escape(run_name("free", seed_flags(seed), 1)), name)
-        if m and best_rounds < int(m.group(1)) < rounds and os.path.exists(os.path.join(runs, name, "results.json")):
-            best, best_rounds = os.path.join(runs, name), int(m.group(1))
+        m = LONG_RUN.fullmatch(name)
+        length = int(m.group(1)) if m else 0
+        if (name == long_name(length, seed) and best_rounds < length < rounds
+                and os.path.exists(os.path.join(runs, name, "results.json"))):
+            best, best_rounds = os.path.join(runs, name), length
     return best
 
 
@@ -356,23 +366,16 @@ def continue_run(src, dst):
 
 
 VAL_LINE = re.compile(r"^round +(\d+) val ([\d.]+) ± ([\d.]+)", re.M)
-
-
-def val_curve(out):
-    """[[round, meta-val accuracy, 95% CI], ...] from a run's log.txt (every meta-validation it made)."""
-    return [[int(r), float(a), float(c)] for r, a, c in VAL_LINE.findall(open(os.path.join(out, "log.txt")).read())]
-
-
 REPLAY_LINE = re.compile(r"^round +(\d+) train .*replay_acc ([\d.]+)", re.M)
 REPLAY_WINDOW = 10  # rounds over which the replay accuracy is averaged (it varies from meta-batch to meta-batch)
 
 
-def replay_curve(out):
-    """[[round, MAML replay query accuracy], ...] of the training rounds in a run's log.txt."""
-    return [[int(r), float(a)] for r, a in REPLAY_LINE.findall(open(os.path.join(out, "log.txt")).read())]
-
-
-LONG_RUN = re.compile(r"rounds(\d+)-omniglot-1shot-free(-seed-\d+)?")
+def log_curves(out):
+    """From a run's log.txt: val_curve [[round, meta-val accuracy, 95% CI], ...] (every meta-validation it
+    made) and replay_curve [[round, MAML replay query accuracy], ...] (its training rounds)."""
+    log = open(os.path.join(out, "log.txt")).read()
+    return dict(val_curve=[[int(r), float(a), float(c)] for r, a, c in VAL_LINE.findall(log)],
+                replay_curve=[[int(r), float(a)] for r, a in REPLAY_LINE.findall(log)])
 
 
 def collect_long(results):
@@ -381,9 +384,7 @@ def collect_long(results):
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else ():
         path = os.path.join(runs, name, "results.json")
         if LONG_RUN.fullmatch(name) and os.path.exists(path):
-            out = os.path.join(runs, name)
-            results.setdefault("rounds", {})[name] = dict(json.load(open(path)), val_curve=val_curve(out),
-                                                          replay_curve=replay_curve(out))
+            results.setdefault("rounds", {})[name] = dict(json.load(open(path)), **log_curves(os.path.join(runs, name)))
 
 
 def bench_rounds(args):
@@ -396,9 +397,7 @@ def bench_rounds(args):
         futures = {pool.submit(run_one, "free", ["--rounds", str(args.rounds)] + seed_flags(seed), 1, args,
                                name=name): name for seed, name in names.items()}
         for fut in concurrent.futures.as_completed(futures):
-            res, how = fut.result()
-            print(f"{futures[fut]}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})",
-                  flush=True)
+            print(run_line(futures[fut], *fut.result()), flush=True)
     results = load_results()  # runs of another bench.py may have finished meanwhile
     collect_long(results)
     save_results(results)
@@ -509,11 +508,9 @@ def rounds_md(long, seeds, timed=None):
              f"tested once; replay_acc is MAML replay's query accuracy on memory-bank tasks (chance 0.2), the mean "
              f"of the {REPLAY_WINDOW} rounds up to R.", "",
              "| | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|" + "---|" * len(SEEDS)]
-    for pt in sorted({p[0] for r in longest.values() for p in r["val_curve"]}):
-        cells = []
-        for s in SEEDS:
-            v = {p[0]: p for p in longest[s]["val_curve"]}.get(pt) if s in longest else None
-            cells.append(f"{v[1]:.2f} ± {v[2]:.2f}" if v else "–")
+    val = {s: {p[0]: p for p in r["val_curve"]} for s, r in longest.items()}  # {seed: {round: [round, acc, ci]}}
+    for pt in sorted({pt for v in val.values() for pt in v}):
+        cells = [f"{val[s][pt][1]:.2f} ± {val[s][pt][2]:.2f}" if pt in val.get(s, {}) else "–" for s in SEEDS]
         lines.append(f"| FREE val, round {pt} | " + " | ".join(cells) + " |")
     lines.append("| average val | " + " | ".join(
         f"{avg[s]['best_val_acc']:.2f}" if avg.get(s, {}).get("best_val_acc") is not None else "–" for s in SEEDS) + " |")

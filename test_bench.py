@@ -107,8 +107,8 @@ def test_val_and_replay_curves_are_read_from_a_log(tmp_path):
     (tmp_path / "log.txt").write_text("round   19 train   | rec 1.0s | replay_acc 0.410 | x4\n"
                                       "round   20 val 57.74 ± 1.41 (best 57.74)\n"
                                       "resumed from last.pt at round 60\nround   80 val 61.05 ± 1.50 (best 61.05)\n")
-    assert bench.val_curve(str(tmp_path)) == [[20, 57.74, 1.41], [80, 61.05, 1.5]]
-    assert bench.replay_curve(str(tmp_path)) == [[19, 0.41]]
+    assert bench.log_curves(str(tmp_path)) == {"val_curve": [[20, 57.74, 1.41], [80, 61.05, 1.5]],
+                                                "replay_curve": [[19, 0.41]]}
 
 
 def test_continue_run_copies_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
