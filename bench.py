@@ -4,8 +4,8 @@ includes the latter). Every number there is written by this script; none is type
     python bench.py recovery   # speed-up of task recovery at equal quality (paper §4: ~20x)
     python bench.py seeds      # Omniglot 5-way 1/5-shot, seeds 0-2: FREE, baselines, ablations (quick preset)
     python bench.py time       # the quick preset's wall time alone, and where a round's time goes
-    python bench.py rounds     # FREE 1-shot continued past the quick preset's rounds: meta-validation by round
-                               # (--rounds R: from the longest finished run of each seed below R; default 200)
+    python bench.py rounds     # FREE 1-shot at other run lengths: meta-validation by round, test at each length
+                               # (--rounds R: continues the longest finished run of each seed below R; default 200)
     python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
     python bench.py report     # rewrite bench/results.md from bench/results.json
 
@@ -59,7 +59,9 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)"}
 # the paper's CIFAR-FS numbers (Table 2 of the paper and supplement Table 2, Conv4 5-way), beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
-LONG_ROUNDS = 200  # `bench.py rounds`: the quick preset's FREE 1-shot runs continued to this many rounds
+LONG_ROUNDS = 200  # `bench.py rounds`: FREE 1-shot continued to this many rounds by default
+QUICK_ROUNDS = free.PRESETS["quick"]["rounds"]  # a run of `bench.py seeds` shorter than this is continued to it
+VAL_MARGIN = 3.0  # the quick preset's rounds: the fewest at which FREE's meta-val beats average's by this on every seed
 JOBS, THREADS = 2, 1  # default runs at a time and torch threads per run (`bench.py time` runs alone, all threads)
 # `bench.py gpu`: the paper preset on CIFAR-FS-shaped synthetic data (32x32x3), 1- and 5-shot, a few rounds timed
 GPU_ROUNDS, GPU_WARMUP = 12, 2  # rounds timed (warm-up included; validation after the last): <= 8 min on one GPU
@@ -247,12 +249,24 @@ def seed_jobs(shots, only=None):
             if s in shots and (not only or label(m, f) in only)]
 
 
+def target_rounds(method, flags):
+    """The rounds a run of `bench.py` asks for: its --rounds flag, else the quick preset's; 0 for untrained baselines."""
+    if method not in ("free", "maml"):
+        return 0
+    return int(flags[flags.index("--rounds") + 1]) if "--rounds" in flags else QUICK_ROUNDS
+
+
 def run_one(method, flags, shots, args, threads=-1, name=None):
-    """One free.py run (subprocess); cached: a finished run is read back, an interrupted one resumed."""
+    """One free.py run (subprocess); cached: a finished run is read back, an interrupted one resumed, and a
+    finished one shorter than the rounds asked for continued to them (`free.py --resume --rounds`)."""
     out = os.path.join(OUT, "runs", name or run_name(method, flags, shots))
     res_path = os.path.join(out, "results.json")
+    how = "ran"
     if os.path.exists(res_path):
-        return json.load(open(res_path)), "cached"
+        res = json.load(open(res_path))
+        if res["rounds"] >= target_rounds(method, flags):
+            return res, "cached"
+        how = f"continued from {res['rounds']} rounds"
     cmd = [sys.executable, "free.py", "--dataset", "omniglot", "--data-root", args.data_root, "--preset", "quick",
            "--shots", str(shots), "--method", method, *flags, "--out", out, "--device", "cpu"]
     if os.path.exists(os.path.join(out, "last.pt")):
@@ -262,7 +276,7 @@ def run_one(method, flags, shots, args, threads=-1, name=None):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "stdout.txt"), "a") as f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
-    return json.load(open(res_path)), "ran"
+    return json.load(open(res_path)), how
 
 
 def teacher_accuracy_under_A(teachers, ds):
@@ -337,18 +351,22 @@ def long_name(rounds, seed):
 LONG_RUN = re.compile(r"rounds(\d+)-" + re.escape(run_name("free", [], 1)) + r"(-seed-\d+)?")  # a long_name
 
 
+def finished_rounds(path):
+    """The rounds of the finished run in `path`, or 0 if it has not finished."""
+    res = os.path.join(path, "results.json")
+    return json.load(open(res))["rounds"] if os.path.exists(res) else 0
+
+
 def longest_before(seed, rounds):
-    """The finished FREE 1-shot run of `seed` with the most rounds below `rounds`: the quick preset's run,
-    or an earlier `bench.py rounds` continuation of it."""
+    """The finished FREE 1-shot run of `seed` with the most rounds below `rounds`: the quick preset's run of
+    `bench.py seeds` or a `bench.py rounds` run; None if there is none (the run then starts from round 0)."""
     runs = os.path.join(OUT, "runs")
-    best, best_rounds = os.path.join(runs, run_name("free", seed_flags(seed), 1)), 0
-    for name in os.listdir(runs) if os.path.isdir(runs) else ():
-        m = LONG_RUN.fullmatch(name)
-        length = int(m.group(1)) if m else 0
-        if (name == long_name(length, seed) and best_rounds < length < rounds
-                and os.path.exists(os.path.join(runs, name, "results.json"))):
-            best, best_rounds = os.path.join(runs, name), length
-    return best
+    listed = os.listdir(runs) if os.path.isdir(runs) else ()
+    mine = [run_name("free", seed_flags(seed), 1)] + [
+        n for n in listed if (m := LONG_RUN.fullmatch(n)) and n == long_name(int(m.group(1)), seed)]
+    length = {n: finished_rounds(os.path.join(runs, n)) for n in mine}
+    shorter = [n for n in mine if 0 < length[n] < rounds]
+    return os.path.join(runs, max(shorter, key=length.get)) if shorter else None
 
 
 def continue_run(src, dst):
@@ -358,8 +376,7 @@ def continue_run(src, dst):
     if os.path.exists(os.path.join(dst, "last.pt")):
         return
     if not os.path.exists(os.path.join(src, "results.json")):
-        raise UserError(f"bench.py rounds continues the finished quick-preset runs; {src} has none: run "
-                        f"`python bench.py seeds --shots 1 --only free` first")
+        raise UserError(f"bench.py rounds continues finished runs; {src} has not finished")
     os.makedirs(dst, exist_ok=True)
     for f in ("config.json", "log.txt", "best.pt", "last.pt"):  # last.pt last: its presence means "copied"
         shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
@@ -388,11 +405,14 @@ def collect_long(results):
 
 
 def bench_rounds(args):
-    """FREE 1-shot, seeds args.seeds (default 0-2), continued from the quick preset's finished runs to args.rounds
-    rounds (args.jobs at a time): is it still learning, and when does it pass averaging the teachers on meta-validation?"""
+    """FREE 1-shot, seeds args.seeds (default 0-2), run to args.rounds rounds (args.jobs at a time), each continuing
+    the longest finished shorter run of its seed: is it still learning, and when does it pass averaging the
+    teachers on meta-validation?"""
     names = {seed: long_name(args.rounds, seed) for seed in args.seeds}
     for seed, name in names.items():
-        continue_run(longest_before(seed, args.rounds), os.path.join(OUT, "runs", name))
+        src = longest_before(seed, args.rounds)
+        if src:  # else the run starts from round 0
+            continue_run(src, os.path.join(OUT, "runs", name))
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, "free", ["--rounds", str(args.rounds)] + seed_flags(seed), 1, args,
                                name=name): name for seed, name in names.items()}
@@ -499,14 +519,14 @@ def rounds_md(long, seeds, timed=None):
     if quick:
         by_length = {next(iter(quick.values()))["rounds"]: quick, **by_length}  # the quick preset's own runs first
     avg = per_seed(seeds, "average", [], 1)
-    lines = [f"### FREE past the quick preset's rounds (1-shot, `python bench.py rounds`)", "",
-             "The quick preset's FREE 1-shot runs continued from their last round (`free.py --resume --rounds R`: "
-             "the state an uninterrupted R-round run would have), one thread each; other runs shared the two cores, "
-             "so the wall times (every process of a run, summed) overstate a run alone. "
-             "Meta-validation accuracy (the same 200 tasks each time) by round; `average` is the untrained baseline "
-             "on the same validation tasks. A test row is the best meta-validation checkpoint of an R-round run, "
-             f"tested once; replay_acc is MAML replay's query accuracy on memory-bank tasks (chance 0.2), the mean "
-             f"of the {REPLAY_WINDOW} rounds up to R.", "",
+    lines = ["### FREE 1-shot by run length (`python bench.py rounds`)", "",
+             "Each length continues the longest finished shorter run of its seed (`free.py --resume --rounds R`: the "
+             "state an uninterrupted R-round run would have; the quick preset's runs of `bench.py seeds` are among "
+             "them), one thread each; other runs shared the two cores, so the wall times (every process of a run, "
+             "summed) overstate a run alone. Meta-validation accuracy (the same 200 tasks each time) by round; "
+             "`average` is the untrained baseline on the same validation tasks. A test row is the best "
+             "meta-validation checkpoint of an R-round run, tested once; replay_acc is MAML replay's query accuracy "
+             f"on memory-bank tasks (chance 0.2), the mean of the {REPLAY_WINDOW} rounds up to R.", "",
              "| | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|" + "---|" * len(SEEDS)]
     val = {s: {p[0]: p for p in r["val_curve"]} for s, r in longest.items()}  # {seed: {round: [round, acc, ci]}}
     for pt in sorted({pt for v in val.values() for pt in v}):
@@ -515,6 +535,12 @@ def rounds_md(long, seeds, timed=None):
     lines.append("| average val | " + " | ".join(
         f"{avg[s]['best_val_acc']:.2f}" if avg.get(s, {}).get("best_val_acc") is not None else "–" for s in SEEDS) + " |")
     summary = []
+    ahead = [pt for pt in sorted({pt for v in val.values() for pt in v}) if all(
+        pt in val.get(s, {}) and avg.get(s, {}).get("best_val_acc") is not None
+        and val[s][pt][1] - avg[s]["best_val_acc"] >= VAL_MARGIN for s in SEEDS)]
+    if ahead:
+        summary.append(f"- Meta-validation: the fewest rounds at which FREE beats `average` by {VAL_MARGIN:.0f} points "
+                       f"or more on every seed: {ahead[0]} (the quick preset runs {QUICK_ROUNDS}).")
     for rounds, runs in sorted(by_length.items()):
         lines.append(f"| FREE test, {rounds} rounds | " + " | ".join(
             f"{runs[s]['test_acc']:.2f} ± {runs[s]['test_ci95']:.2f}" if s in runs else "–" for s in SEEDS) + " |")

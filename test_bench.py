@@ -116,7 +116,7 @@ def test_continue_run_copies_a_finished_run_and_refuses_an_unfinished_one(tmp_pa
     src.mkdir()
     for f in ("config.json", "log.txt", "best.pt", "last.pt"):
         (src / f).write_text(f)
-    with pytest.raises(bench.UserError, match="bench.py seeds"):  # unfinished: no results.json
+    with pytest.raises(bench.UserError, match="has not finished"):  # no results.json
         bench.continue_run(str(src), str(dst))
     assert not dst.exists()
     (src / "results.json").write_text("{}")
@@ -149,24 +149,67 @@ def test_rounds_table_by_hand():
     # FREE over seeds at 120 rounds: 71 and 64, mean 67.50, sample std 4.95
     assert "- 120 rounds, FREE − average (test): mean +2.50, positive on 1/2 seeds; FREE 67.50 ± 4.95 (n = 2)." in md
     assert "- 80 rounds, FREE − average (test): mean -5.00, positive on 0/1 seeds; FREE 60.00 (n = 1)." in md
+    assert "fewest rounds" not in md  # seed 1 at round 120: 66 - 64.5 = 1.5 < 3, and seed 2 has no run
     timed = {"seconds_per_warmup_round": 1.0, "seconds_per_round": 2.0, "seconds_per_validation": 5.0,
              "test_seconds": 7.0}
     # quick preset at 120 rounds: 10 warm-up rounds, 110 training rounds, validations at 20, 40, ..., 120, the test
     assert "Alone on this CPU: 4 min" in bench.rounds_md(long, seeds, timed)  # 10 + 220 + 6 * 5 + 7 = 267 s
 
 
+def test_the_val_rule_names_the_fewest_rounds_ahead_of_average_by_the_margin_on_every_seed(monkeypatch):
+    monkeypatch.setattr(bench, "SEEDS", (0, 1))
+    # FREE val - average val: round 20: -13, -12.5; round 40: +4, +2.5; round 60: +7, +3.5 -> 60
+    curves = {0: [[20, 50.0, 1.0], [40, 67.0, 1.0], [60, 70.0, 1.0]], 1: [[20, 52.0, 1.0], [40, 67.0, 1.0],
+                                                                          [60, 68.0, 1.0]]}
+    long = {bench.long_name(60, s): run(70.0, seed=s, rounds=60, val_curve=curves[s]) for s in (0, 1)}
+    seeds = {bench.run_name("average", bench.seed_flags(s), 1): run(65.0, best_val_acc=v)
+             for s, v in ((0, 63.0), (1, 64.5))}
+    md = bench.rounds_md(long, seeds)
+    assert (f"- Meta-validation: the fewest rounds at which FREE beats `average` by 3 points or more on every seed: "
+            f"60 (the quick preset runs {bench.QUICK_ROUNDS}).") in md
+
+
 def test_a_longer_run_continues_the_longest_finished_one_below_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / bench.OUT / "runs"
-    for name, finished in (("omniglot-1shot-free", True), ("rounds120-omniglot-1shot-free", True),
-                           ("rounds160-omniglot-1shot-free", False), ("rounds120-omniglot-1shot-free-seed-1", True)):
+    for name, rounds in (("omniglot-1shot-free", 60), ("rounds120-omniglot-1shot-free", 120),
+                         ("rounds160-omniglot-1shot-free", None), ("rounds120-omniglot-1shot-free-seed-1", 120)):
         (runs / name).mkdir(parents=True)
         (runs / name / "log.txt").write_text("round   20 val 50.00 ± 1.00 (best 50.00)\n")
-        if finished:
-            (runs / name / "results.json").write_text(json.dumps(run(60.0, seed=0, rounds=120)))
+        if rounds:  # finished
+            (runs / name / "results.json").write_text(json.dumps(run(60.0, seed=0, rounds=rounds)))
     assert bench.longest_before(0, 200).endswith(os.path.join("runs", "rounds120-omniglot-1shot-free"))
     assert bench.longest_before(0, 120).endswith(os.path.join("runs", "omniglot-1shot-free"))  # not itself
+    assert bench.longest_before(1, 200).endswith(os.path.join("runs", "rounds120-omniglot-1shot-free-seed-1"))
+    assert bench.longest_before(0, 60) is None and bench.longest_before(2, 200) is None  # from round 0
     results = {}
     bench.collect_long(results)  # finished continuations only, with their validation curves
     assert set(results["rounds"]) == {"rounds120-omniglot-1shot-free", "rounds120-omniglot-1shot-free-seed-1"}
     assert results["rounds"]["rounds120-omniglot-1shot-free"]["val_curve"] == [[20, 50.0, 1.0]]
+
+
+def test_a_finished_run_shorter_than_asked_is_continued_and_others_are_read_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_free(cmd, stdout, **kw):  # stands in for the free.py subprocess: records it, writes its results
+        calls.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        rounds = int(cmd[cmd.index("--rounds") + 1]) if "--rounds" in cmd else bench.QUICK_ROUNDS
+        (tmp_path / out / "results.json").write_text(json.dumps(run(70.0, rounds=rounds)))
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_free)
+    args = argparse.Namespace(data_root="data", threads=1)
+    for name, rounds in (("omniglot-1shot-free", 60), ("omniglot-1shot-maml", bench.QUICK_ROUNDS),
+                         ("omniglot-1shot-average", 0)):
+        (tmp_path / bench.OUT / "runs" / name).mkdir(parents=True)
+        (tmp_path / bench.OUT / "runs" / name / "results.json").write_text(json.dumps(run(60.0, rounds=rounds)))
+        (tmp_path / bench.OUT / "runs" / name / "last.pt").write_text("state")
+    assert bench.run_one("maml", [], 1, args) == (run(60.0, rounds=bench.QUICK_ROUNDS), "cached")
+    assert bench.run_one("average", [], 1, args) == (run(60.0, rounds=0), "cached")  # untrained: never continued
+    assert calls == []
+    res, how = bench.run_one("free", [], 1, args)  # 60 rounds < the quick preset's: continued in place
+    assert (res["rounds"], how) == (bench.QUICK_ROUNDS, "continued from 60 rounds")
+    assert calls[0][-1] == "--resume" and "--rounds" not in calls[0]  # the preset's rounds
+    res, how = bench.run_one("free", ["--rounds", str(bench.QUICK_ROUNDS + 20)], 1, args, name="omniglot-1shot-free")
+    assert (res["rounds"], how) == (bench.QUICK_ROUNDS + 20, f"continued from {bench.QUICK_ROUNDS} rounds")
