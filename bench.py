@@ -243,9 +243,9 @@ def seed_flags(seed):
     return ["--seed", str(seed)] if seed else []
 
 
-def seed_jobs(shots, only=None):
+def seed_jobs(shots, only=None, seeds=SEEDS):
     """(method, flags + seed flags, shots) for every SEED_RUNS entry and seed, in running order."""
-    return [(m, f + seed_flags(seed), s) for m, f, s in SEED_RUNS for seed in SEEDS
+    return [(m, f + seed_flags(seed), s) for m, f, s in SEED_RUNS for seed in seeds
             if s in shots and (not only or label(m, f) in only)]
 
 
@@ -325,7 +325,7 @@ def bench_seeds(args):
     for seed in SEEDS:
         build_quick_zoo(args, seed, results)
     save_results(results)
-    jobs = seed_jobs(args.shots, args.only)
+    jobs = seed_jobs(args.shots, args.only, args.seeds)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *job, args): job for job in jobs}
         for fut in concurrent.futures.as_completed(futures):
@@ -438,9 +438,10 @@ def spread(xs):
 
 
 def per_seed(seeds, method, flags, shots):
-    """{seed: results} of the finished runs of one SEED_RUNS entry."""
+    """{seed: results} of the finished runs of one SEED_RUNS entry at the quick preset's rounds (a shorter run
+    waits to be continued)."""
     found = {seed: seeds.get(run_name(method, flags + seed_flags(seed), shots)) for seed in SEEDS}
-    return {seed: r for seed, r in found.items() if r}
+    return {seed: r for seed, r in found.items() if r and r.get("rounds", 0) >= target_rounds(method, flags)}
 
 
 def paired(seeds, a, b, shots):
@@ -676,7 +677,7 @@ def main():
     p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (seeds)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (seeds)")
     p.add_argument("--rounds", type=int, default=LONG_ROUNDS, help="rounds: continue FREE 1-shot to this many rounds")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=SEEDS, help="rounds: only these seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=SEEDS, help="seeds, rounds: only these seeds")
     p.add_argument("--only", nargs="+", help="seeds: only these runs, by label (e.g. free average 'free --no-align')")
     args = p.parse_args()
     t0 = time.perf_counter()

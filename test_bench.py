@@ -31,8 +31,8 @@ def test_projection_counts_warmup_training_validation_and_test():
 
 def seed_results(values, method="free", flags=(), shots=1):
     """{run name: results} for one SEED_RUNS entry, one accuracy per seed."""
-    return {bench.run_name(method, list(flags) + bench.seed_flags(seed), shots): run(v, torch_threads=1)
-            for seed, v in zip(bench.SEEDS, values)}
+    return {bench.run_name(method, list(flags) + bench.seed_flags(seed), shots):
+            run(v, torch_threads=1, rounds=bench.target_rounds(method, list(flags))) for seed, v in zip(bench.SEEDS, values)}
 
 
 def test_seed_summary_by_hand():
@@ -51,11 +51,15 @@ def test_seed_summary_by_hand():
     # free - (free --no-align): +1, -1, +1 (mean +0.33)
     assert "FREE − `free --no-align` per seed +1.00, -1.00, +1.00; mean +0.33 (helps on the mean, positive on 2/3" in md
     assert "5-shot, FREE" not in md  # 5-shot not run: no summary
+    seeds[bench.run_name("maml", [], 1)]["rounds"] = bench.QUICK_ROUNDS - 20  # shorter than the preset: not counted
+    md = bench.seeds_md(seeds)
+    assert "| maml | 84.50 ± 3.54 (n = 2) |" in md and "closes: 55% (mean over 2 seeds)" in md
 
 
 def test_report_collects_finished_runs_and_rewrites_only_the_readme_section(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name, res in (("omniglot-1shot-free", run(61.0)), ("omniglot-1shot-average-seed-1", run(59.0))):
+    for name, res in (("omniglot-1shot-free", run(61.0, rounds=bench.QUICK_ROUNDS)),
+                      ("omniglot-1shot-average-seed-1", run(59.0, rounds=0))):
         os.makedirs(os.path.join(bench.OUT, "runs", name))
         json.dump(res, open(os.path.join(bench.OUT, "runs", name, "results.json"), "w"))
     os.makedirs(os.path.join(bench.OUT, "runs", "omniglot-1shot-random"))  # unfinished: no results.json
@@ -134,11 +138,12 @@ def test_rounds_table_by_hand():
     long[bench.long_name(120, 0)]["replay_curve"] = [[r, 0.2 if r <= 110 else 0.5] for r in range(11, 121)]
     seeds = {bench.run_name("average", bench.seed_flags(s), 1): run(65.0, best_val_acc=v)
              for s, v in ((0, 63.0), (1, 64.5))}
-    seeds[bench.run_name("free", [], 1)] = run(58.0, seed=0, rounds=60)  # the quick preset's own run
+    seeds[bench.run_name("free", [], 1)] = run(58.0, seed=0, rounds=bench.QUICK_ROUNDS)  # the quick preset's own run
     md = bench.rounds_md(long, seeds)
-    assert "| FREE test, 60 rounds | 58.00 ± 0.50 | – | – |" in md
-    assert "| replay_acc, rounds 51-60 | 0.200 | – | – |" in md and "| replay_acc, rounds 111-120 | 0.500 | – | – |" in md
-    assert md.index("test, 60 rounds") < md.index("test, 80 rounds") < md.index("test, 120 rounds")
+    q = bench.QUICK_ROUNDS  # above 120
+    assert f"| FREE test, {q} rounds | 58.00 ± 0.50 | – | – |" in md
+    assert "| replay_acc, rounds 111-120 | 0.500 | – | – |" in md and "| replay_acc, rounds 71-80 | 0.200 | – | – |" in md
+    assert md.index("test, 80 rounds") < md.index("test, 120 rounds") < md.index(f"test, {q} rounds")
     assert "| FREE val, round 20 | 50.00 ± 1.00 | 52.00 ± 1.00 | – |" in md  # the longest runs' logs
     assert "| FREE val, round 120 | 70.00 ± 1.00 | 66.00 ± 1.00 | – |" in md
     assert "| average val | 63.00 | 64.50 | – |" in md
