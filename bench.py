@@ -37,7 +37,7 @@ OUT = "bench"
 # recovery benchmark: recovery timed on teachers the meta-generator never saw
 META_TEACHERS = 40  # teachers the meta-generator is meta-trained on (the quick preset's zoo)
 UNSEEN_TEACHERS = 6  # teachers it never sees, on which recovery is timed
-META_ROUNDS = 60  # meta-generator rounds of B teachers (the quick preset's 60 rounds)
+META_ROUNDS = 60  # meta-generator rounds of B teachers before recovery is timed (ours)
 SCRATCH_BUDGET = 400  # most from-scratch steps tried when matching quality (2x BiDf-MKD's 200)
 CHECKPOINTS = (5, 10, 20, 50, 100, 200, 400)  # from-scratch steps at which the student yardstick is taken
 STUDENT_STEPS = 100  # KD Adam steps of the yardstick student (ours)
@@ -455,11 +455,12 @@ def seeds_md(seeds, teachers=None):
     for m, f, _ in SEED_RUNS:
         if (m, f) not in runs:
             runs.append((m, f))
-    lines = [f"### Accuracy over seeds (Omniglot, Conv4, 5-way, quick preset, seeds {', '.join(map(str, SEEDS))})", "",
+    lines = [f"### Accuracy over seeds (Omniglot, Conv4, 5-way, quick preset: {QUICK_ROUNDS} rounds, seeds "
+             f"{', '.join(map(str, SEEDS))})", "",
              "`python bench.py seeds`. Each seed reseeds the whole pipeline (teacher zoo, generator, meta-learner, task "
              "sampling); the 600 test tasks are the same for every run. A cell is the mean ± std across seeds "
-             "(training noise); the per-seed table gives each run's test-task 95% CI. '–': not run yet (the same "
-             "command runs, or resumes, what is missing).", "",
+             "(training noise); the per-seed table gives each run's test-task 95% CI. '–': not run yet at the preset's "
+             "rounds (the same command runs, resumes or continues what is missing).", "",
              "| method | 1-shot | 5-shot | wall s, mean (1/5-shot) | paper, CIFAR-FS (1/5-shot) |", "|---|---|---|---|---|"]
     for m, f in runs:
         cells, walls = [], []
@@ -568,17 +569,20 @@ def rounds_md(long, seeds, timed=None):
 
 
 def time_md(timed):
-    """The quick preset's time alone and where it goes (per-phase seconds that free.py records)."""
+    """The quick preset's time alone and where it goes (per-phase seconds that free.py records), and a full quick
+    run projected from them when the timed run is shorter than the preset."""
+    quick = free.parse_args(["--dataset", "omniglot", "--preset", "quick"])
     lines = ["### Quick preset: time alone on this 2-core CPU (FREE, seed 0, zoo cached; `python bench.py time`)", "",
-             "| shots | wall s | threads | warm-up round s | round s | of which recovery / KD + Eq. (3) / replay | "
-             "validation s (each) | meta-test s | test accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| shots | rounds | wall s | threads | warm-up round s | round s | of which recovery / KD + Eq. (3) / "
+             f"replay | validation s (each) | meta-test s | test accuracy | {quick.rounds} rounds alone, projected |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(timed.items()):
         phases = [r.get(k) for k in ("seconds_per_round_recovery", "seconds_per_round_kd", "seconds_per_round_replay")]
         split = " / ".join(f"{p:.2f}" for p in phases) if all(p is not None for p in phases) else "–"
-        lines.append(f"| {r['shots']} | {r['wall_seconds']:.0f} | {r.get('torch_threads', '?')} | "
+        lines.append(f"| {r['shots']} | {r['rounds']} | {r['wall_seconds']:.0f} | {r.get('torch_threads', '?')} | "
                      f"{r['seconds_per_warmup_round']:.2f} | {r['seconds_per_round']:.2f} | {split} | "
                      f"{r['seconds_per_validation']:.1f} | {r['test_seconds']:.1f} | "
-                     f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f} |")
+                     f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f} | {projected_seconds(r, quick) / 60:.0f} min |")
     return "\n".join(lines) + "\n"
 
 

@@ -592,7 +592,7 @@ def train(cfg, trainer, t_start, last_path, best_path):
             if (trainer.device.type == "cpu" and cfg.preset == "paper"
                     and trainer.round == min(cfg.rounds, cfg.warmup + PROJECTION_ROUNDS)):
                 log(f"projected time on this CPU for the remaining {cfg.rounds - trainer.round} rounds: "
-                    f"{eta / 3600:.1f} h (try --preset quick for a run of minutes)")
+                    f"{eta / 3600:.1f} h (--preset quick is a shorter run: README 'Presets')")
             validated = is_validation_round(cfg, trainer.round)
             if validated:
                 validate(cfg, trainer, best_path)

@@ -76,11 +76,15 @@ def test_report_collects_finished_runs_and_rewrites_only_the_readme_section(tmp_
 
 
 def test_time_table_shows_the_round_split():
-    r = run(60.0, shots=1, torch_threads=2, seconds_per_warmup_round=1.5, seconds_per_round=7.25,
+    r = run(60.0, shots=1, rounds=60, torch_threads=2, seconds_per_warmup_round=1.5, seconds_per_round=7.25,
             seconds_per_round_recovery=1.0, seconds_per_round_kd=0.25, seconds_per_round_replay=6.0,
             seconds_per_validation=20.0, test_seconds=65.0)
     md = bench.time_md({"time-omniglot-1shot-free": r})
-    assert "| 1 | 10 | 2 | 1.50 | 7.25 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 | 60.00 ± 0.50 |" in md
+    quick = free.parse_args(["--dataset", "omniglot", "--preset", "quick"])
+    validations = quick.rounds // quick.eval_every  # every 20th round; the last round is one of them
+    minutes = (quick.warmup * 1.5 + (quick.rounds - quick.warmup) * 7.25 + validations * 20.0 + 65.0) / 60
+    assert f"| 1 | 60 | 10 | 2 | 1.50 | 7.25 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 | 60.00 ± 0.50 | {minutes:.0f} min |" in md
+    assert f"| {quick.rounds} rounds alone, projected |" in md
 
 
 TINY = ["--n-teachers", "3", "--zoo-batch", "32", "--B", "2", "--nf", "8", "--meta-batch", "2", "--max-replay", "1",
