@@ -490,7 +490,7 @@ def seeds_md(seeds, teachers=None):
         if both:
             gap = [100 * (f_[x]["test_acc"] - r_[x]["test_acc"]) / (m_[x]["test_acc"] - r_[x]["test_acc"]) for x in both]
             lines.append(f"- {s}-shot, share of the gap from random init to data-based MAML that FREE closes: "
-                         f"{statistics.mean(gap):.0f}% (mean over {len(both)} seeds).")
+                         f"{statistics.mean(gap):.0f}% (mean over {len(both)} seed{'s' if len(both) > 1 else ''}).")
     for flags, what in COMPONENTS.items():
         d = paired(seeds, ("free", []), ("free", flags.split()), 1)
         if d:
