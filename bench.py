@@ -531,13 +531,14 @@ def rounds_md(long, seeds, timed=None):
              f"on memory-bank tasks (chance 0.2), the mean of the {REPLAY_WINDOW} rounds up to R.", "",
              "| | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|" + "---|" * len(SEEDS)]
     val = {s: {p[0]: p for p in r["val_curve"]} for s, r in longest.items()}  # {seed: {round: [round, acc, ci]}}
-    for pt in sorted({pt for v in val.values() for pt in v}):
+    points = sorted({pt for v in val.values() for pt in v})  # every validation round of any seed
+    for pt in points:
         cells = [f"{val[s][pt][1]:.2f} ± {val[s][pt][2]:.2f}" if pt in val.get(s, {}) else "–" for s in SEEDS]
         lines.append(f"| FREE val, round {pt} | " + " | ".join(cells) + " |")
     lines.append("| average val | " + " | ".join(
         f"{avg[s]['best_val_acc']:.2f}" if avg.get(s, {}).get("best_val_acc") is not None else "–" for s in SEEDS) + " |")
     summary = []
-    ahead = [pt for pt in sorted({pt for v in val.values() for pt in v}) if all(
+    ahead = [pt for pt in points if all(
         pt in val.get(s, {}) and avg.get(s, {}).get("best_val_acc") is not None
         and val[s][pt][1] - avg[s]["best_val_acc"] >= VAL_MARGIN for s in SEEDS)]
     if ahead:
