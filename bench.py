@@ -251,7 +251,7 @@ def seed_jobs(shots, only=None, seeds=SEEDS):
 
 def target_rounds(method, flags):
     """The rounds a run of `bench.py` asks for: its --rounds flag, else the quick preset's; 0 for untrained baselines."""
-    if method not in ("free", "maml"):
+    if method not in free.TRAINED:
         return 0
     return int(flags[flags.index("--rounds") + 1]) if "--rounds" in flags else QUICK_ROUNDS
 

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import time
@@ -35,9 +34,11 @@ import maml
 import recover
 from data import DATASETS, UserError, load_dataset, sample_tasks
 from models import ARCHS, Conv4, Generator
-from zoo import QUICK_SETTINGS, build_zoo, mirror_invariant, paper_settings
+from zoo import QUICK_SETTINGS, build_zoo, load_checkpoint, mirror_invariant, paper_settings
 
 METHODS = ("free", "random", "average", "maml")
+TRAINED = ("free", "maml")  # methods that meta-train for `rounds`; random and average are evaluated as they start
+USES_ZOO = ("free", "average")  # methods that read the teacher zoo
 BANK_FILTERS = ("all", "agree")  # --bank-filter choices
 TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and seed sees the same tasks
 VAL_TASK_SEED = 1234  # the meta-validation task seed (same val tasks at every evaluation)
@@ -479,15 +480,6 @@ def format_row(row, elapsed, eta):
 # ------------------------------------------------------------------------ main
 
 
-def load_checkpoint(path):
-    """last.pt, on the CPU (the modules copy it to the run's device); a damaged file is a user error."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise UserError(f"--resume: {path} is unreadable ({type(e).__name__}); it is written atomically, so it was changed "
-                        f"outside free.py: start a new run in another --out") from e
-
-
 def check_resume(cfg, out):
     """Refuse to resume a run of another configuration."""
     path = os.path.join(out, "config.json")
@@ -518,7 +510,7 @@ def check_out(cfg):
 
 def check_settings(cfg, ds):
     """Settings the data cannot satisfy, found before anything is written or trained."""
-    needs_zoo = cfg.method in ("free", "average")
+    needs_zoo = cfg.method in USES_ZOO
     for name, value in (("--n-teachers", cfg.n_teachers if needs_zoo else 1), ("--B", cfg.B), ("--rounds", cfg.rounds),
                         ("--val-tasks", cfg.val_tasks), ("--test-tasks", cfg.test_tasks), ("--way", cfg.way)):
         if value < 1:
@@ -654,20 +646,21 @@ def main(argv=None):
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
     log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
         f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
-    teachers = load_teachers(cfg, ds, device, log) if cfg.method in ("free", "average") else []
+    teachers = load_teachers(cfg, ds, device, log) if cfg.method in USES_ZOO else []
     set_seed(cfg.seed)  # the zoo may be cached or trained: start the run's randomness from here
 
     trainer = Trainer(cfg, ds, teachers, device, log)
     last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
     if cfg.resume:
-        trainer.load_state_dict(load_checkpoint(last_path))
+        trainer.load_state_dict(load_checkpoint(last_path, UserError, "--resume:", "it is written atomically, so it "
+                                                "was changed outside free.py: start a new run in another --out"))
         log(f"resumed from {last_path} at round {trainer.round}")
         t_start -= trainer.stats["wall_seconds"]  # wall time counts every process of the run
     if cfg.method == "average":
         average_teachers(trainer.model, teachers)
-    if cfg.method in ("random", "average"):  # untrained baselines: one meta-validation, comparable with FREE's
+    if cfg.method not in TRAINED:  # untrained baselines: one meta-validation, comparable with FREE's
         validate(cfg, trainer, best_path)
-    if cfg.method in ("free", "maml") and not train(cfg, trainer, t_start, last_path, best_path):
+    if cfg.method in TRAINED and not train(cfg, trainer, t_start, last_path, best_path):
         return None  # stopped by Ctrl-C
 
     # ---- the single meta-test

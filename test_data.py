@@ -539,6 +539,15 @@ def test_zoo_cache_built_with_other_settings_is_refused(built_zoo, synthetic28):
         zoo.build_zoo(synthetic28, "conv4", 3, 5, 0, "tiny", other, built_zoo[0], "cpu")
 
 
+def test_zoo_damaged_teacher_file_is_a_data_error_naming_it(built_zoo, synthetic28, tmp_path):
+    root = tmp_path / "cache"
+    shutil.copytree(built_zoo[0], root)
+    damaged = zoo_folder(root) / "teacher_002.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated file, as an interrupted copy leaves it
+    with pytest.raises(data.DataError, match=r"teacher file .*teacher_002\.pt is unreadable .* delete it"):
+        zoo.build_zoo(synthetic28, "conv4", 3, 5, 0, "tiny", TINY_ZOO, root, "cpu")
+
+
 def test_best_epoch_weights_are_a_real_copy_not_the_last_epoch(synthetic28, monkeypatch):
     """Scripted held-out accuracies 0.5, 0.9, 0.3: the result must be epoch 2's weights."""
     scripted, seen = iter([0.5, 0.9, 0.3]), []

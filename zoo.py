@@ -18,6 +18,7 @@ Differences from the authors' code:
 import copy
 import json
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -222,12 +223,13 @@ def atomic_write(dest, write):
             os.unlink(tmp)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, error, what, advice):
+    """A torch checkpoint, on the CPU (callers move it to their device); a damaged file raises `error`, naming
+    `what` the file is and what to do (`advice`)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise DataError(f"teacher file {path} is unreadable ({e!r}); expected a checkpoint "
-                           f"written by zoo.py; delete it and run again to retrain it") from e
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise error(f"{what} {path} is unreadable ({type(e).__name__}); {advice}") from e
 
 
 def check_manifest(folder, settings):
@@ -276,7 +278,8 @@ def build_zoo(dataset, arch, n, way, seed, preset, settings, cache_root, device,
         t0, path = time.time(), teacher_path(folder, i)
         cached = path.is_file()
         if cached:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, DataError, "teacher file", "expected a checkpoint written by zoo.py; delete "
+                                   "it and run again to retrain it")
             check_classes(ckpt, dataset, way, seed, i, path)
             n_cached += 1
         else:
