@@ -76,10 +76,24 @@ def load_results():
 README_MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")  # README.md includes results.md here
 
 
+def compact_json(obj, indent=""):
+    """JSON with one key per line, but a list that holds no object (a curve, a list of seeds) on one line."""
+    inner = indent + " "
+    if isinstance(obj, dict) and obj:
+        items = (f"{inner}{json.dumps(k)}: {compact_json(v, inner)}" for k, v in obj.items())
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(obj, list) and any(isinstance(v, dict) for v in obj):
+        return "[\n" + ",\n".join(inner + compact_json(v, inner) for v in obj) + "\n" + indent + "]"
+    return json.dumps(obj)
+
+
 def save_results(results):
     """bench/results.json, bench/results.md, and the copy of results.md inside README.md."""
     os.makedirs(OUT, exist_ok=True)
-    free.write_json_atomic(results, os.path.join(OUT, "results.json"))
+    path = os.path.join(OUT, "results.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(compact_json(results))
+    os.replace(path + ".tmp", path)
     md = report(results)
     with open(os.path.join(OUT, "results.md"), "w") as f:
         f.write(md)

@@ -119,6 +119,17 @@ def test_val_and_replay_curves_are_read_from_a_log(tmp_path):
                                                 "replay_curve": [[19, 0.41]]}
 
 
+def test_results_json_puts_a_curve_on_one_line_and_reads_back_the_same():
+    results = {"rounds": {"r": {"val_curve": [[20, 57.74, 1.41], [80, 61.05, 1.5]], "note": "a [ b ] c",
+                                "seeds": [0, 1], "rows": [{"acc": [1, 2]}], "empty": []}}}
+    text = bench.compact_json(results)
+    assert json.loads(text) == results
+    lines = text.splitlines()
+    assert '   "val_curve": [[20, 57.74, 1.41], [80, 61.05, 1.5]],' in lines
+    assert '   "seeds": [0, 1],' in lines and '     "acc": [1, 2]' in lines and '   "empty": []' in lines
+    assert '   "note": "a [ b ] c",' in lines  # brackets inside a string are left alone
+
+
 def test_continue_run_copies_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
