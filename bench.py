@@ -213,7 +213,8 @@ def recovery_md(rec):
     lines = [f"### Recovery speed (Omniglot, {len(rows)} teachers the meta-generator never saw; medians)", "",
              f"Meta-generator meta-trained for {rec['meta_rounds']} rounds on {rec['meta_teachers']} other teachers "
              f"(nf = {rec['nf']}, {rec['images']} images a task). Student = fresh Conv4 distilled from the recovered "
-             f"images alone ({rec['student_steps']} Adam steps), measured on the teacher's real images.", "",
+             f"images alone ({rec['student_steps']} Adam steps), measured on the teacher's real images. Times: "
+             f"{rec['torch_threads']} torch thread(s), the benchmark alone on the CPU.", "",
              "| recovery | time (s) | teacher acc. on recovered | student acc. on real images |",
              "|---|---|---|---|"]
     for name, f in [(f"meta-generator, k = {rec['k']}", lambda r: r["meta_k5"]),
