@@ -509,9 +509,14 @@ def seeds_md(seeds, teachers=None):
     for flags, what in COMPONENTS.items():
         d = paired(seeds, ("free", []), ("free", flags.split()), 1)
         if d:
-            verdict = "helps" if statistics.mean(d) > 0 else "does not help"
+            avg = statistics.mean(d)
+            verdict = "helps" if avg > 0 else "does not help"
+            scatter = ""
+            if len(d) > 1:  # is the mean larger than the seed-to-seed scatter of the difference?
+                sd = statistics.stdev(d)
+                scatter = f", std {sd:.2f}, {'outside' if abs(avg) > sd else 'within'} its spread across seeds"
             lines.append(f"- 1-shot, {what}: FREE − `free {flags}` per seed {', '.join(f'{x:+.2f}' for x in d)}; "
-                         f"mean {statistics.mean(d):+.2f} ({verdict} on the mean, positive on "
+                         f"mean {avg:+.2f} ({verdict} on the mean{scatter}; positive on "
                          f"{sum(x > 0 for x in d)}/{len(d)} seeds).")
     if teachers:
         t = [teachers[k] for k in sorted(teachers)]

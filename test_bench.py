@@ -38,7 +38,8 @@ def seed_results(values, method="free", flags=(), shots=1):
 def test_seed_summary_by_hand():
     seeds = {**seed_results((60.0, 62.0, 67.0)), **seed_results((61.0, 61.0, 61.0), "average"),
              **seed_results((40.0, 40.0, 40.0), "random"), **seed_results((80.0, 82.0, 87.0), "maml"),
-             **seed_results((59.0, 63.0, 66.0), "free", ["--no-align"])}
+             **seed_results((59.0, 63.0, 66.0), "free", ["--no-align"]),
+             **seed_results((57.0, 58.0, 62.0), "free", ["--hard-labels"])}
     md = bench.seeds_md(seeds)
     # free: mean 63, sample std sqrt((9 + 1 + 16) / 2) = 3.61; average: 61, std 0
     assert "| free | 63.00 ± 3.61 (n = 3) | – | 10 / – | 39.13 / 52.58 |" in md
@@ -48,8 +49,12 @@ def test_seed_summary_by_hand():
     assert "- 1-shot, FREE − average: per seed -1.00, +1.00, +6.00; mean +2.00, positive on 2/3 seeds." in md
     # gap closed: (60-40)/(80-40) = 50%, (62-40)/(82-40) = 52.4%, (67-40)/(87-40) = 57.4%; mean 53%
     assert "share of the gap from random init to data-based MAML that FREE closes: 53% (mean over 3 seeds)" in md
-    # free - (free --no-align): +1, -1, +1 (mean +0.33)
-    assert "FREE − `free --no-align` per seed +1.00, -1.00, +1.00; mean +0.33 (helps on the mean, positive on 2/3" in md
+    # free - (free --no-align): +1, -1, +1 (mean +0.33, std sqrt((4/9 + 16/9 + 4/9) / 2) = 1.15 > 0.33)
+    assert ("FREE − `free --no-align` per seed +1.00, -1.00, +1.00; mean +0.33 (helps on the mean, std 1.15, within "
+            "its spread across seeds; positive on 2/3 seeds)") in md
+    # free - (free --hard-labels): +3, +4, +5 (mean +4.00, std 1.00 < 4.00)
+    assert ("FREE − `free --hard-labels` per seed +3.00, +4.00, +5.00; mean +4.00 (helps on the mean, std 1.00, "
+            "outside its spread across seeds; positive on 3/3 seeds)") in md
     assert "5-shot, FREE" not in md  # 5-shot not run: no summary
     seeds[bench.run_name("maml", [], 1)]["rounds"] = bench.QUICK_ROUNDS - 20  # shorter than the preset: not counted
     md = bench.seeds_md(seeds)
