@@ -6,6 +6,7 @@ includes the latter). Every number there is written by this script; none is type
     python bench.py time       # the quick preset's wall time alone, and where a round's time goes
     python bench.py rounds     # FREE 1-shot at other run lengths: meta-validation by round, test at each length
                                # (--rounds R: continues the longest finished run of each seed below R; default 200)
+    python bench.py bank       # why MAML replay on the memory bank is a weak signal (cross-teacher agreement)
     python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
     python bench.py report     # rewrite bench/results.md from bench/results.json
 
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 import free
 import maml
 import recover
-from data import UserError, load_dataset
+import zoo
+from data import UserError, load_dataset, sample_tasks
 from models import Conv4, Generator
 
 OUT = "bench"
@@ -61,6 +63,7 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
 LONG_ROUNDS = 200  # `bench.py rounds`: FREE 1-shot continued to this many rounds by default
 QUICK_ROUNDS = free.PRESETS["quick"]["rounds"]  # a run of `bench.py seeds` shorter than this is continued to it
+BANK_TASKS, BANK_TASK_SEED = 200, 7  # `bench.py bank`: tasks of each kind (as many as the quick preset validates on)
 VAL_MARGIN = 3.0  # the quick preset's rounds: the fewest at which FREE's meta-val beats average's by this on every seed
 JOBS, THREADS = 2, 1  # default runs at a time and torch threads per run (`bench.py time` runs alone, all threads)
 # `bench.py gpu`: the paper preset on CIFAR-FS-shaped synthetic data (32x32x3), 1- and 5-shot, a few rounds timed
@@ -607,6 +610,98 @@ def time_md(timed):
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------ 5. why replay is a weak signal
+
+
+def cross_teacher_agreement(teachers, G, student, cfg, ds):
+    """Each teacher A's task recovered as a training round recovers it (k steps from the run's meta-generator,
+    L_adv against the run's meta-learner); every other teacher B that shares a class c with A labels A's
+    recovered images of c, and real meta-train images of c. Means over (A, B, c) triples, and A's own accuracy."""
+    train, flip = ds.splits["train"], free.mirror_invariant(ds)
+    own, other, real = [], [], []
+    for a in teachers:
+        r = recover.recover_task(G, a.model, cfg.way, cfg.k, cfg.n_per_class, cfg.gen_lr, student=student,
+                                 lambda_adv=cfg.lambda_adv, flip=flip, meta_grad=False)
+        own.append(r.teacher_acc)
+        for b in teachers:
+            for c in set(a.classes) & set(b.classes) if b is not a else ():
+                x_real = train.images[train.labels == c].float() / 255
+                with torch.no_grad():
+                    other.append(maml.accuracy(b.model(r.x[r.y == a.classes.index(c)]), b.classes.index(c)).item())
+                    real.append(maml.accuracy(b.model(x_real), b.classes.index(c)).item())
+    return {"own": statistics.mean(own), "other": statistics.mean(other), "other_real": statistics.mean(real),
+            "triples": len(other)}
+
+
+def replay_accuracy(model, tasks, cfg):
+    """Query accuracy after MAML replay's inner loop (train_inner_steps steps at inner_lr), mean over tasks."""
+    accs = maml.meta_test(model, maml.detached_params(model), *tasks, cfg.train_inner_steps, cfg.inner_lr,
+                          vectorize=False)
+    return accs.mean().item()
+
+
+def bench_bank(args):
+    """Why MAML replay on the memory bank is a weak signal, measured on each seed's quick-preset FREE 1-shot run:
+    (1) do teachers that share a class recognise each other's recovered images of it (the bank merges them)?
+    (2) how hard are bank tasks for a meta-learner that is good on real tasks (data-based MAML's best.pt)?"""
+    results = load_results()
+    for seed in args.seeds:
+        flags, cpu = seed_flags(seed), torch.device("cpu")
+        cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root, *flags])
+        run = os.path.join(OUT, "runs", run_name("free", flags, 1))
+        if finished_rounds(run) < QUICK_ROUNDS:
+            raise UserError(f"bank: {run} is not a finished {QUICK_ROUNDS}-round run; run `bench.py seeds --shots 1 "
+                            f"--only free` first")
+        ds = load_dataset("omniglot", args.data_root)
+        teachers = free.load_teachers(cfg, ds, cpu, lambda line: None)
+        state = zoo.load_checkpoint(os.path.join(run, "last.pt"), UserError, "bank:", "rerun `bench.py seeds`")
+        meta_gen = recover.MetaGenerator(Generator(ds.image_size, ds.channels, nf=cfg.nf), cfg.gen_lr)
+        meta_gen.load_state_dict(state["meta_gen"])
+        model = free.new_meta_learner(ds, cfg, cpu)
+        model.load_state_dict(state["model"])
+        bank = recover.MemoryBank()
+        bank.load_state_dict(state["bank"])
+        torch.manual_seed(seed)
+        row = cross_teacher_agreement(teachers, meta_gen.G, (model, maml.detached_params(model)), cfg, ds)
+        g = torch.Generator().manual_seed(BANK_TASK_SEED)
+        tasks = {"bank": bank.sample_tasks(BANK_TASKS, cfg.way, cfg.shots, cfg.query, g),
+                 "real": sample_tasks(ds.splits["train"], BANK_TASKS, cfg.way, cfg.shots, cfg.query, g)}
+        for method in ("free", "maml"):
+            best = zoo.load_checkpoint(os.path.join(OUT, "runs", run_name(method, flags, 1), "best.pt"), UserError,
+                                       "bank:", f"rerun `bench.py seeds --only {method}`")
+            model.load_state_dict(best["model"])
+            for kind, t in tasks.items():
+                row[f"{method}_on_{kind}"] = replay_accuracy(model, t, cfg)
+        row.update(bank_classes=len(bank.classes()), teachers_per_class=statistics.mean(
+            sum(c in t.classes for t in teachers) for c in bank.classes()))
+        results.setdefault("bank", {})[str(seed)] = row
+        print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+        save_results(results)
+
+
+def bank_md(bank):
+    seeds = sorted(bank)
+    rows = [("teacher A, on its own recovered images (k = 5; mean over teachers)", "own"),
+            ("teacher B sharing a class with A, on A's recovered images of it", "other"),
+            ("teacher B, on real images of that class", "other_real"),
+            ("FREE's best.pt, on bank tasks", "free_on_bank"), ("FREE's best.pt, on real meta-train tasks", "free_on_real"),
+            ("data-based MAML's best.pt, on bank tasks", "maml_on_bank"),
+            ("data-based MAML's best.pt, on real meta-train tasks", "maml_on_real")]
+    lines = ["### Why replay is a weak signal (`python bench.py bank`)", "",
+             f"On the memory bank and meta-generator of each seed's quick-preset FREE 1-shot run (its last.pt). Teacher "
+             f"rows: accuracy on the images of one class (chance 20%), mean over every (teacher A, other teacher B, "
+             f"shared class) triple; the bank keeps images under the real class, so a class's images come from every teacher that "
+             f"holds it. Model rows: query accuracy after replay's inner loop ({free.Config.train_inner_steps} steps) "
+             f"on {BANK_TASKS} 5-way 1-shot tasks drawn as replay draws them, from the bank or from real meta-train "
+             f"images.", "", "| | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---|" * len(seeds)]
+    for name, key in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * bank[s][key]:.1f}%" for s in seeds) + " |")
+    lines.append(f"| teachers holding a bank class (mean) | " +
+                 " | ".join(f"{bank[s]['teachers_per_class']:.1f}" for s in seeds) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------ 3. GPU timing
 
 
@@ -673,6 +768,8 @@ def report(results):
         parts.append(rounds_md(results["rounds"], results.get("seeds", {}), timed))
     if "time" in results:
         parts.append(time_md(results["time"]))
+    if results.get("bank"):
+        parts.append(bank_md(results["bank"]))
     parts.append(gpu_md(results["gpu"]) if results.get("gpu") else
                  "### GPU\n\nNo GPU run exists yet: `python bench.py gpu` on a CUDA machine writes this section "
                  "(paper preset, 1- and 5-shot: seconds per round and per phase, peak memory, projected full run).\n")
@@ -695,7 +792,7 @@ def bench_report(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("recovery", "seeds", "time", "rounds", "gpu", "report"))
+    p.add_argument("what", choices=("recovery", "seeds", "time", "rounds", "bank", "gpu", "report"))
     p.add_argument("--data-root", default="data", help="Omniglot's folder, as free.py's --data-root (the README's "
                    "figures: a folder holding images_background_small1.zip)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
@@ -706,7 +803,8 @@ def main():
     p.add_argument("--only", nargs="+", help="seeds: only these runs, by label (e.g. free average 'free --no-align')")
     args = p.parse_args()
     t0 = time.perf_counter()
-    {"recovery": bench_recovery, "seeds": bench_seeds, "time": bench_time, "rounds": bench_rounds, "gpu": bench_gpu,
+    {"recovery": bench_recovery, "seeds": bench_seeds, "time": bench_time, "rounds": bench_rounds, "bank": bench_bank,
+     "gpu": bench_gpu,
      "report": bench_report}[args.what](args)
     print(f"bench.py {args.what}: {time.perf_counter() - t0:.0f}s; see {OUT}/results.md")
 

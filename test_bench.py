@@ -1,14 +1,17 @@
 """bench.py's bookkeeping on hand-made run results (no training): the GPU projection, the run-to-run
 summary, the threads column, and `report` collecting finished runs into results.json, results.md
-and the README."""
+and the README; the memory-bank diagnostic on hand-made teachers."""
 import argparse
 import json
 import os
+import types
 
 import pytest
+import torch
 
 import bench
 import free
+import recover
 
 
 def run(acc, **extra):
@@ -238,3 +241,40 @@ def test_a_finished_run_shorter_than_asked_is_continued_and_others_are_read_back
     assert calls[0][-1] == "--resume" and "--rounds" not in calls[0]  # the preset's rounds
     res, how = bench.run_one("free", ["--rounds", str(bench.QUICK_ROUNDS + 20)], 1, args, name="omniglot-1shot-free")
     assert (res["rounds"], how) == (bench.QUICK_ROUNDS + 20, f"continued from {bench.QUICK_ROUNDS} rounds")
+
+
+class LookupTeacher(torch.nn.Module):
+    """A 2-way 'teacher' whose prediction for an image is looked up by the image's id (pixel value * 255)."""
+
+    def __init__(self, prediction_of_id):
+        super().__init__()
+        self.prediction_of_id = prediction_of_id
+
+    def forward(self, x):
+        ids = (x[:, 0, 0, 0] * 255).round().long().tolist()
+        return torch.nn.functional.one_hot(torch.tensor([self.prediction_of_id[i] for i in ids]), 2).float()
+
+
+def test_cross_teacher_agreement_by_hand(monkeypatch):
+    # A holds classes [5, 7], B holds [7, 9]: they share class 7 (A's local 1, B's local 0). Images are ids.
+    a = types.SimpleNamespace(classes=[5, 7], model=LookupTeacher({8: 1, 9: 1, 4: 1, 5: 0}))
+    b = types.SimpleNamespace(classes=[7, 9], model=LookupTeacher({2: 0, 3: 1, 4: 0, 5: 0}))
+    recovered = {a.model: ([0, 1, 2, 3], 0.75), b.model: ([8, 9, 10, 11], 1.0)}  # labels [0, 0, 1, 1] each
+
+    def fake_recovery(G, teacher, way, *args, **kwargs):
+        ids, acc = recovered[teacher]
+        x = torch.tensor(ids, dtype=torch.float32).view(-1, 1, 1, 1) / 255
+        return recover.RecoveredTask(x, torch.tensor([0, 0, 1, 1]), None, acc, None, 0.0)
+
+    monkeypatch.setattr(recover, "recover_task", fake_recovery)
+    train = types.SimpleNamespace(images=torch.tensor([4, 5, 6, 7], dtype=torch.uint8).view(-1, 1, 1, 1),
+                                  labels=torch.tensor([7, 7, 5, 9]))  # real images 4, 5 are of class 7
+    ds = types.SimpleNamespace(name="omniglot", splits={"train": train})
+    row = bench.cross_teacher_agreement([a, b], None, None, free.Config(way=2, n_per_class=2), ds)
+    # (A, B, 7): B labels A's images 2, 3 of class 7 as 0, 1 -> 0.5; B on real 4, 5 -> 0, 0 -> 1.0
+    # (B, A, 7): A labels B's images 8, 9 of class 7 as 1, 1 -> 1.0; A on real 4, 5 -> 1, 0 -> 0.5
+    assert row == {"own": (0.75 + 1.0) / 2, "other": (0.5 + 1.0) / 2, "other_real": (1.0 + 0.5) / 2, "triples": 2}
+    md = bench.bank_md({"0": dict(row, free_on_bank=0.4, free_on_real=0.7, maml_on_bank=0.35, maml_on_real=0.9,
+                                  teachers_per_class=3.0)})
+    assert "| teacher B sharing a class with A, on A's recovered images of it | 75.0% |" in md
+    assert "| data-based MAML's best.pt, on real meta-train tasks | 90.0% |" in md
