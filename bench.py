@@ -201,8 +201,7 @@ def bench_recovery(args):
     results["recovery"] = {"rows": rows, "meta_rounds": META_ROUNDS, "meta_teachers": META_TEACHERS,
                            "nf": cfg.nf, "k": cfg.k, "images": cfg.way * cfg.n_per_class,
                            "scratch_budget": SCRATCH_BUDGET, "student_steps": STUDENT_STEPS,
-                           "meta_training_seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
-                           "k_counts": "evaluations"}  # k = evaluations of Eq. (1), the k-th giving task and meta-gradient
+                           "meta_training_seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()}
     save_results(results)
 
 
@@ -225,11 +224,6 @@ def recovery_md(rec):
                    [(f"from scratch, {s} steps", (lambda s: lambda r: r["scratch"][str(s)])(s)) for s in CHECKPOINTS]:
         lines.append(f"| {name} | {med(lambda r: f(r)['seconds']):.2f} | {100 * med(lambda r: f(r)['teacher_acc']):.1f}% "
                      f"| {100 * med(lambda r: f(r)['student_acc']):.1f}% |")
-    if rec.get("k_counts") != "evaluations":
-        lines += ["", "Measured with the earlier recovery code (k Adam steps, then one more evaluation of Eq. (1) "
-                  "for the meta-gradient, where the k-th evaluation now serves both; teachers trained without A's crop); "
-                  "`python bench.py recovery` "
-                  "measures the current code."]
     lines.append("")
     for key, what in [("match_teacher_acc", "teacher accuracy on recovered images"),
                       ("match_student_acc", "student accuracy on real images")]:
