@@ -604,7 +604,7 @@ def time_md(timed):
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------ 5. why replay is a weak signal
+# ------------------------------------------------------------------------ 3. why replay is a weak signal
 
 
 def cross_teacher_agreement(teachers, G, student, cfg, ds):
@@ -678,14 +678,15 @@ def bank_md(bank):
     rows = [("teacher A, on its own recovered images (k = 5; mean over teachers)", "own"),
             ("teacher B sharing a class with A, on A's recovered images of it", "other"),
             ("teacher B, on real images of that class", "other_real"),
-            ("FREE's best.pt, on bank tasks", "free_on_bank"), ("FREE's best.pt, on real meta-train tasks", "free_on_real"),
+            ("FREE's best.pt, on bank tasks", "free_on_bank"),
+            ("FREE's best.pt, on real meta-train tasks", "free_on_real"),
             ("data-based MAML's best.pt, on bank tasks", "maml_on_bank"),
             ("data-based MAML's best.pt, on real meta-train tasks", "maml_on_real")]
     lines = ["### Why replay is a weak signal (`python bench.py bank`)", "",
              f"On the memory bank and meta-generator of each seed's quick-preset FREE 1-shot run (its last.pt). Teacher "
              f"rows: accuracy on the images of one class (chance 20%), mean over every (teacher A, other teacher B, "
-             f"shared class) triple; the bank keeps images under the real class, so a class's images come from every teacher that "
-             f"holds it. Model rows: query accuracy after replay's inner loop ({free.Config.train_inner_steps} steps) "
+             f"shared class) triple; the bank keeps images under the real class, so a class's images come from "
+             f"every teacher that holds it. Model rows: query accuracy after replay's inner loop ({free.Config.train_inner_steps} steps) "
              f"on {BANK_TASKS} 5-way 1-shot tasks drawn as replay draws them, from the bank or from real meta-train "
              f"images.", "", "| | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|" + "---|" * len(seeds)]
@@ -696,7 +697,7 @@ def bank_md(bank):
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------ 3. GPU timing
+# ------------------------------------------------------------------------ 4. GPU timing
 
 
 def bench_gpu(args, device="cuda", extra=()):
