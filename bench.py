@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +94,7 @@ def compact_json(obj, indent=""):
 def save_results(results):
     """bench/results.json, bench/results.md, and the copy of results.md inside README.md."""
     os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, "results.json")
-    with open(path + ".tmp", "w") as f:
-        f.write(compact_json(results))
-    os.replace(path + ".tmp", path)
+    zoo.atomic_write(Path(OUT) / "results.json", lambda f: f.write(compact_json(results).encode()))
     md = report(results)
     with open(os.path.join(OUT, "results.md"), "w") as f:
         f.write(md)
@@ -612,17 +610,19 @@ def cross_teacher_agreement(teachers, G, student, cfg, ds):
     L_adv against the run's meta-learner); every other teacher B that shares a class c with A labels A's
     recovered images of c, and real meta-train images of c. Means over (A, B, c) triples, and A's own accuracy."""
     train, flip = ds.splits["train"], free.mirror_invariant(ds)
+    with torch.no_grad():  # each teacher on the real images of each of its classes, once
+        on_real = {(i, c): maml.accuracy(b.model(train.images[train.labels == c].float() / 255), j).item()
+                   for i, b in enumerate(teachers) for j, c in enumerate(b.classes)}
     own, other, real = [], [], []
     for a in teachers:
         r = recover.recover_task(G, a.model, cfg.way, cfg.k, cfg.n_per_class, cfg.gen_lr, student=student,
                                  lambda_adv=cfg.lambda_adv, flip=flip, meta_grad=False)
         own.append(r.teacher_acc)
-        for b in teachers:
+        for i, b in enumerate(teachers):
             for c in set(a.classes) & set(b.classes) if b is not a else ():
-                x_real = train.images[train.labels == c].float() / 255
                 with torch.no_grad():
                     other.append(maml.accuracy(b.model(r.x[r.y == a.classes.index(c)]), b.classes.index(c)).item())
-                    real.append(maml.accuracy(b.model(x_real), b.classes.index(c)).item())
+                real.append(on_real[i, c])
     return {"own": statistics.mean(own), "other": statistics.mean(other), "other_real": statistics.mean(real),
             "triples": len(other)}
 
@@ -638,15 +638,15 @@ def bench_bank(args):
     """Why MAML replay on the memory bank is a weak signal, measured on each seed's quick-preset FREE 1-shot run:
     (1) do teachers that share a class recognise each other's recovered images of it (the bank merges them)?
     (2) how hard are bank tasks for a meta-learner that is good on real tasks (data-based MAML's best.pt)?"""
-    results = load_results()
+    results, cpu = load_results(), torch.device("cpu")
+    ds = load_dataset("omniglot", args.data_root)
     for seed in args.seeds:
-        flags, cpu = seed_flags(seed), torch.device("cpu")
+        flags = seed_flags(seed)
         cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root, *flags])
         run = os.path.join(OUT, "runs", run_name("free", flags, 1))
         if finished_rounds(run) < QUICK_ROUNDS:
             raise UserError(f"bank: {run} is not a finished {QUICK_ROUNDS}-round run; run `bench.py seeds --shots 1 "
                             f"--only free` first")
-        ds = load_dataset("omniglot", args.data_root)
         teachers = free.load_teachers(cfg, ds, cpu, lambda line: None)
         state = zoo.load_checkpoint(os.path.join(run, "last.pt"), UserError, "bank:", "rerun `bench.py seeds`")
         meta_gen = recover.MetaGenerator(Generator(ds.image_size, ds.channels, nf=cfg.nf), cfg.gen_lr)

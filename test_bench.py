@@ -257,8 +257,8 @@ class LookupTeacher(torch.nn.Module):
 
 def test_cross_teacher_agreement_by_hand(monkeypatch):
     # A holds classes [5, 7], B holds [7, 9]: they share class 7 (A's local 1, B's local 0). Images are ids.
-    a = types.SimpleNamespace(classes=[5, 7], model=LookupTeacher({8: 1, 9: 1, 4: 1, 5: 0}))
-    b = types.SimpleNamespace(classes=[7, 9], model=LookupTeacher({2: 0, 3: 1, 4: 0, 5: 0}))
+    a = types.SimpleNamespace(classes=[5, 7], model=LookupTeacher({8: 1, 9: 1, 4: 1, 5: 0, 6: 0}))
+    b = types.SimpleNamespace(classes=[7, 9], model=LookupTeacher({2: 0, 3: 1, 4: 0, 5: 0, 7: 1}))
     recovered = {a.model: ([0, 1, 2, 3], 0.75), b.model: ([8, 9, 10, 11], 1.0)}  # labels [0, 0, 1, 1] each
 
     def fake_recovery(G, teacher, way, *args, **kwargs):
