@@ -136,6 +136,8 @@ def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=
     Adam each round) or "sgd" (step = the gradient itself: Lemma 1's setting). With SGD the
     sequential steps make g contain -alpha * grad(grad L_i . grad L_j) terms (Lemma 1 / Theorem 1),
     i.e. the update also raises the alignment of different tasks' gradients.
+    With SGD the steps alpha * grad are summed as they are taken: equal to theta - theta_tilde in exact
+    arithmetic, but free of the float32 cancellation of subtracting two parameters that differ by ~alpha * grad.
     `align=False` is the `--no-align` ablation: every task's step starts from theta with a fresh
     optimizer (independent KD steps), so for SGD g is the plain averaged KD gradient.
     Each task is (x, y, teacher_logits). Returns (g as a dict, mean task loss)."""
@@ -149,18 +151,20 @@ def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=
         return clone, opt(clone.values(), lr=alpha)
 
     theta_tilde, opt = fresh_clone()
-    losses, total = [], {k: torch.zeros_like(v) for k, v in theta.items()}
+    losses, total = [], {k: torch.zeros_like(v) for k, v in theta.items()}  # theta - theta_tilde, summed over paths
     for task in tasks:
         if not align:
             theta_tilde, opt = fresh_clone()  # independent: every step starts from theta
         loss = distill_loss(model, theta_tilde, task, tau, hard_labels)
         opt.zero_grad(set_to_none=True)
         loss.backward(inputs=list(theta_tilde.values()))
+        if optimizer == "sgd":  # the SGD step is exactly alpha * grad: sum it, free of float32 cancellation in theta - theta_tilde
+            total = {k: total[k] + alpha * theta_tilde[k].grad for k in theta}
         opt.step()
         losses.append(loss.detach())
-        if not align:
+        if optimizer == "adam" and not align:
             total = {k: total[k] + theta[k] - theta_tilde[k].detach() for k in theta}
-    if align:
+    if optimizer == "adam" and align:
         total = {k: theta[k] - theta_tilde[k].detach() for k in theta}
     scale = reptile_scale(alpha, len(tasks), optimizer)
     return {k: scale * v for k, v in total.items()}, torch.stack(losses).mean()

@@ -220,6 +220,29 @@ def test_eq3_meta_gradient_is_sequential_and_no_align_is_the_mean_gradient():
     assert any((aligned[k] - independent[k]).abs().max() > 1e-6 for k in theta)
 
 
+def test_eq3_sgd_meta_gradient_keeps_float32_precision_at_the_papers_alpha():
+    """At alpha = 1e-3 and |theta| ~ 1, theta - theta_tilde is ~1e-3 * |grad|: recovering the gradient from it
+    in float32 would lose about log10(1 / alpha) digits (error ~ eps * |theta| / alpha ~ 1e-4). The float32
+    meta-gradient must match the float64 one of the same sequential steps, (g_1(theta) + g_2(theta_1)) / 2,
+    to float32 precision."""
+    net64, a = TinyNet(), maml.ALPHA
+    with torch.no_grad():
+        for p in net64.parameters():
+            p.add_(torch.sign(p))  # |theta| ~ 1, as in a trained network's larger weights
+    theta64 = {k: v.detach().clone() for k, v in net64.named_parameters()}
+    tasks64 = two_kd_tasks((7, 8))
+    g1 = task_grad(net64, theta64, tasks64[0])
+    theta_1 = {k: theta64[k] - a * g1[k] for k in theta64}
+    g2 = task_grad(net64, theta_1, tasks64[1])
+
+    net32 = copy.deepcopy(net64).float()
+    theta32 = {k: v.float() for k, v in theta64.items()}
+    tasks32 = [(x.float(), y, t.float()) for x, y, t in tasks64]
+    aligned, _ = maml.align_meta_gradient(net32, theta32, tasks32, alpha=a, optimizer="sgd")
+    for k in theta64:
+        torch.testing.assert_close(aligned[k].double(), (g1[k] + g2[k]) / 2, rtol=1e-5, atol=1e-6)
+
+
 def test_eq3_with_adam_follows_two_hand_written_adam_steps():
     """Eq. (3) with the supplement's Adam (betas 0.9, 0.999, eps 1e-8), B = 2, written out by hand:
     step 1: m = 0.1 g1, v = 0.001 g1^2, m_hat = g1, v_hat = g1^2 -> theta_1 = theta - a g1 / (|g1| + eps);
