@@ -367,6 +367,21 @@ def finished_rounds(path):
     return json.load(open(res))["rounds"] if os.path.exists(res) else 0
 
 
+LAST_ROUND = re.compile(r"^round +(\d+) ", re.M)  # a round's line in log.txt
+
+
+def collect_unfinished(results):
+    """results["unfinished"] = {run name: last round in its log.txt} for every trained `bench.py seeds` run that
+    has started but not reached the rounds it asks for (interrupted, or being continued)."""
+    results["unfinished"] = {}
+    for m, f, s in seed_jobs((1, 5)):
+        out = os.path.join(OUT, "runs", run_name(m, f, s))
+        log = os.path.join(out, "log.txt")
+        if m in free.TRAINED and os.path.exists(log) and finished_rounds(out) < target_rounds(m, f):
+            logged = LAST_ROUND.findall(open(log).read())
+            results["unfinished"][run_name(m, f, s)] = int(logged[-1]) if logged else 0
+
+
 def longest_before(seed, rounds):
     """The finished FREE 1-shot run of `seed` with the most rounds below `rounds`: the quick preset's run of
     `bench.py seeds` or a `bench.py rounds` run; None if there is none (the run then starts from round 0)."""
@@ -460,7 +475,7 @@ def paired(seeds, a, b, shots):
     return [ra[s]["test_acc"] - rb[s]["test_acc"] for s in SEEDS if s in ra and s in rb]
 
 
-def seeds_md(seeds, teachers=None):
+def seeds_md(seeds, teachers=None, unfinished=None):
     runs = []
     for m, f, _ in SEED_RUNS:
         if (m, f) not in runs:
@@ -489,6 +504,11 @@ def seeds_md(seeds, teachers=None):
             threads = sorted({str(x.get("torch_threads", "?")) for x in r.values()})
             lines.append(f"| {label(m, f)}, {s}-shot | " + " | ".join(cells) + f" | {'/'.join(threads)} |")
     lines.append("")
+    started = [f"`{label(m, f)}` {s}-shot seed {seed} at round {unfinished[name]} of {target_rounds(m, f)}"
+               for m, f, s in SEED_RUNS for seed in SEEDS
+               if (name := run_name(m, f + seed_flags(seed), s)) in (unfinished or {}) and seed not in per_seed(seeds, m, f, s)]
+    if started:
+        lines.append(f"- Not finished when the report was written (`bench.py seeds` resumes them): {'; '.join(started)}.")
     for s in (1, 5):
         for other in ("average", "random"):
             d = paired(seeds, ("free", []), (other, []), s)
@@ -757,7 +777,7 @@ def report(results):
     if "recovery" in results:
         parts.append(recovery_md(results["recovery"]))
     if "seeds" in results:
-        parts.append(seeds_md(results["seeds"], results.get("teachers")))
+        parts.append(seeds_md(results["seeds"], results.get("teachers"), results.get("unfinished")))
     if results.get("rounds"):
         timed = results.get("time", {}).get("time-" + run_name("free", [], 1))
         parts.append(rounds_md(results["rounds"], results.get("seeds", {}), timed))
@@ -780,6 +800,7 @@ def bench_report(args):
         path = os.path.join(OUT, "runs", run_name(*job), "results.json")
         if os.path.exists(path):
             found[run_name(*job)] = json.load(open(path))
+    collect_unfinished(results)
     collect_long(results)
     copy_recovered_grid(results)
     save_results(results)

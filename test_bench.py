@@ -64,6 +64,29 @@ def test_seed_summary_by_hand():
     assert "| maml | 84.50 ± 3.54 (n = 2) |" in md and "closes: 55% (mean over 2 seeds)" in md
 
 
+def test_unfinished_runs_are_read_from_their_logs_and_listed_until_they_finish(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    log = "zoo ...\nround    1 warm-up | rec 1s\nround   20 train   | kd 1.0\nround   20 val 55.00 ± 1.00 (best 55.00)\n"
+    runs = {bench.run_name("free", ["--no-align"] + bench.seed_flags(2), 1): (log, None),  # interrupted at 20
+            bench.run_name("maml", [], 1): (log, 60),  # a finished 60-round run being continued: still 20 in this log
+            bench.run_name("free", [], 1): (log, bench.QUICK_ROUNDS),  # finished
+            bench.run_name("average", [], 1): (log, None)}  # untrained: not a resumable run
+    for name, (text, rounds) in runs.items():
+        os.makedirs(os.path.join(bench.OUT, "runs", name))
+        open(os.path.join(bench.OUT, "runs", name, "log.txt"), "w").write(text)
+        if rounds is not None:
+            json.dump(run(60.0, rounds=rounds), open(os.path.join(bench.OUT, "runs", name, "results.json"), "w"))
+    results = {}
+    bench.collect_unfinished(results)
+    assert results["unfinished"] == {bench.run_name("free", ["--no-align", "--seed", "2"], 1): 20,
+                                     bench.run_name("maml", [], 1): 20}
+    md = bench.seeds_md({bench.run_name("free", [], 1): run(60.0, rounds=bench.QUICK_ROUNDS)}, None, results["unfinished"])
+    assert (f"- Not finished when the report was written (`bench.py seeds` resumes them): `free --no-align` 1-shot "
+            f"seed 2 at round 20 of {bench.QUICK_ROUNDS}; `maml` 1-shot seed 0 at round 20 of {bench.QUICK_ROUNDS}.") in md
+    seeds = seed_results((70.0, 70.0, 70.0), "free", ["--no-align"])  # once finished, the stale entry is not listed
+    assert "no-align` 1-shot seed 2" not in bench.seeds_md(seeds, None, results["unfinished"])
+
+
 def test_report_collects_finished_runs_and_rewrites_only_the_readme_section(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, res in (("omniglot-1shot-free", run(61.0, rounds=bench.QUICK_ROUNDS)),
