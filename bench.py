@@ -420,6 +420,11 @@ def log_curves(out):
                 replay_curve=[[int(r), float(a)] for r, a in REPLAY_LINE.findall(log)])
 
 
+def replay_window(replay_curve, rounds):
+    """The replay accuracies of a run's REPLAY_WINDOW rounds up to `rounds`."""
+    return [a for r, a in replay_curve if rounds - REPLAY_WINDOW < r <= rounds]
+
+
 def collect_long(results):
     """Read every finished `bench.py rounds` run back from bench/runs into results["rounds"]."""
     runs = os.path.join(OUT, "runs")
@@ -530,9 +535,16 @@ def seeds_md(seeds, teachers=None, unfinished=None):
             if len(d) > 1:  # is the mean larger than the seed-to-seed scatter of the difference?
                 sd = statistics.stdev(d)
                 scatter = f", std {sd:.2f}, {'outside' if abs(avg) > sd else 'within'} its spread across seeds"
+            replay = ""
+            ra, rb = per_seed(seeds, "free", [], 1), per_seed(seeds, "free", flags.split(), 1)
+            both = [x for x in SEEDS if "replay_acc" in ra.get(x, {}) and "replay_acc" in rb.get(x, {})]
+            if both:
+                replay = (f" Replay accuracy on bank tasks, last {REPLAY_WINDOW} rounds, mean over seeds "
+                          f"{', '.join(map(str, both))}: {statistics.mean(rb[x]['replay_acc'] for x in both):.3f} "
+                          f"against FREE's {statistics.mean(ra[x]['replay_acc'] for x in both):.3f}.")
             lines.append(f"- 1-shot, {what}: FREE − `free {flags}` per seed {', '.join(f'{x:+.2f}' for x in d)}; "
                          f"mean {avg:+.2f} ({verdict} on the mean{scatter}; positive on "
-                         f"{sum(x > 0 for x in d)}/{len(d)} seeds).")
+                         f"{sum(x > 0 for x in d)}/{len(d)} seeds).{replay}")
     if teachers:
         t = [teachers[k] for k in sorted(teachers)]
         lines.append(f"- Teachers ({t[0]['teachers']} per seed, trained with the crop of A(.)): held-out accuracy "
@@ -585,8 +597,7 @@ def rounds_md(long, seeds, timed=None):
         diff = {s: runs[s]["test_acc"] - avg[s]["test_acc"] for s in SEEDS if s in runs and s in avg}
         lines.append(f"| FREE − average, test, {rounds} rounds | " + " | ".join(
             f"{diff[s]:+.2f}" if s in diff else "–" for s in SEEDS) + " |")
-        replay = {s: [a for r, a in longest[s].get("replay_curve", []) if rounds - REPLAY_WINDOW < r <= rounds]
-                  for s in longest}
+        replay = {s: replay_window(longest[s].get("replay_curve", []), rounds) for s in longest}
         lines.append(f"| replay_acc, rounds {rounds - REPLAY_WINDOW + 1}-{rounds} | " + " | ".join(
             f"{statistics.mean(replay[s]):.3f}" if replay.get(s) else "–" for s in SEEDS) + " |")
         lines.append(f"| wall s, {rounds} rounds | " + " | ".join(
@@ -797,9 +808,13 @@ def bench_report(args):
     results = load_results()
     found = results.setdefault("seeds", {})
     for job in seed_jobs((1, 5)):
-        path = os.path.join(OUT, "runs", run_name(*job), "results.json")
-        if os.path.exists(path):
-            found[run_name(*job)] = json.load(open(path))
+        out = os.path.join(OUT, "runs", run_name(*job))
+        if os.path.exists(os.path.join(out, "results.json")):
+            res = found[run_name(*job)] = json.load(open(os.path.join(out, "results.json")))
+            has_log = res["rounds"] and os.path.exists(os.path.join(out, "log.txt"))
+            last = replay_window(log_curves(out)["replay_curve"], res["rounds"]) if has_log else []
+            if last:
+                res["replay_acc"] = statistics.mean(last)  # MAML replay's query accuracy near the run's end
     collect_unfinished(results)
     collect_long(results)
     copy_recovered_grid(results)

@@ -59,6 +59,12 @@ def test_seed_summary_by_hand():
     assert ("FREE − `free --hard-labels` per seed +3.00, +4.00, +5.00; mean +4.00 (helps on the mean, std 1.00, "
             "outside its spread across seeds; positive on 3/3 seeds)") in md
     assert "5-shot, FREE" not in md  # 5-shot not run: no summary
+    assert "Replay accuracy" not in md  # no replay_acc recorded (bench.py report reads it from log.txt)
+    for seed, a, b in ((0, 0.4, 0.6), (1, 0.5, 0.8)):  # on seeds 0 and 1 only: means 0.45 and 0.70
+        seeds[bench.run_name("free", bench.seed_flags(seed), 1)]["replay_acc"] = a
+        seeds[bench.run_name("free", ["--no-align"] + bench.seed_flags(seed), 1)]["replay_acc"] = b
+    assert ("on 2/3 seeds). Replay accuracy on bank tasks, last 10 rounds, mean over seeds 0, 1: 0.700 against "
+            "FREE's 0.450.") in bench.seeds_md(seeds)
     seeds[bench.run_name("maml", [], 1)]["rounds"] = bench.QUICK_ROUNDS - 20  # shorter than the preset: not counted
     md = bench.seeds_md(seeds)
     assert "| maml | 84.50 ± 3.54 (n = 2) |" in md and "closes: 55% (mean over 2 seeds)" in md
@@ -94,11 +100,16 @@ def test_report_collects_finished_runs_and_rewrites_only_the_readme_section(tmp_
         os.makedirs(os.path.join(bench.OUT, "runs", name))
         json.dump(res, open(os.path.join(bench.OUT, "runs", name, "results.json"), "w"))
     os.makedirs(os.path.join(bench.OUT, "runs", "omniglot-1shot-random"))  # unfinished: no results.json
+    R = bench.QUICK_ROUNDS  # replay accuracy of the last 10 rounds: rounds R-9..R only (R-10 is outside the window)
+    log = "".join(f"round {r:4d} train   | kd 1.0 | replay_acc {a} | x4\n" for r, a in ((R - 10, 0.9), (R - 9, 0.3), (R, 0.5)))
+    open(os.path.join(bench.OUT, "runs", "omniglot-1shot-free", "log.txt"), "w").write(log + f"round {R:4d} val 60.00 ± 1.00\n")
     start, end = bench.README_MARKERS
     open("README.md", "w").write(f"intro\n{start}\nold numbers\n{end}\noutro\n")
     bench.bench_report(None)
     results = json.load(open(os.path.join(bench.OUT, "results.json")))
     assert set(results["seeds"]) == {"omniglot-1shot-free", "omniglot-1shot-average-seed-1"}
+    assert results["seeds"]["omniglot-1shot-free"]["replay_acc"] == pytest.approx((0.3 + 0.5) / 2)
+    assert "replay_acc" not in results["seeds"]["omniglot-1shot-average-seed-1"]  # untrained: no replay, no log read
     readme = open("README.md").read()
     assert readme.startswith(f"intro\n{start}\n") and readme.endswith(f"{end}\noutro\n")
     assert "old numbers" not in readme and open(os.path.join(bench.OUT, "results.md")).read() in readme
