@@ -511,7 +511,8 @@ def seeds_md(seeds, teachers=None, unfinished=None):
     lines.append("")
     started = [f"`{label(m, f)}` {s}-shot seed {seed} at round {unfinished[name]} of {target_rounds(m, f)}"
                for m, f, s in SEED_RUNS for seed in SEEDS
-               if (name := run_name(m, f + seed_flags(seed), s)) in (unfinished or {}) and seed not in per_seed(seeds, m, f, s)]
+               if (name := run_name(m, f + seed_flags(seed), s)) in (unfinished or {})
+               and seed not in per_seed(seeds, m, f, s)]
     if started:
         lines.append(f"- Not finished when the report was written (`bench.py seeds` resumes them): {'; '.join(started)}.")
     for s in (1, 5):

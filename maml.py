@@ -158,7 +158,7 @@ def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=
         loss = distill_loss(model, theta_tilde, task, tau, hard_labels)
         opt.zero_grad(set_to_none=True)
         loss.backward(inputs=list(theta_tilde.values()))
-        if optimizer == "sgd":  # the SGD step is exactly alpha * grad: sum it, free of float32 cancellation in theta - theta_tilde
+        if optimizer == "sgd":  # the step SGD is about to take, alpha * grad, summed exactly (docstring)
             total = {k: total[k] + alpha * theta_tilde[k].grad for k in theta}
         opt.step()
         losses.append(loss.detach())
