@@ -64,6 +64,7 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
 LONG_ROUNDS = 200  # `bench.py rounds`: FREE 1-shot continued to this many rounds by default
 QUICK_ROUNDS = free.PRESETS["quick"]["rounds"]  # a run of `bench.py seeds` shorter than this is continued to it
+TIME_ROUNDS = 40  # `bench.py time`: rounds timed (warm-up, training, two meta-validations, the meta-test); the rest projected
 BANK_TASKS, BANK_TASK_SEED = 200, 7  # `bench.py bank`: tasks of each kind (as many as the quick preset validates on)
 VAL_MARGIN = 3.0  # the quick preset's rounds: the fewest at which FREE's meta-val beats average's by this on every seed
 JOBS, THREADS = 2, 1  # default runs at a time and torch threads per run (`bench.py time` runs alone, all threads)
@@ -345,12 +346,13 @@ def bench_seeds(args):
 
 
 def bench_time(args):
-    """The quick preset's time: FREE seed 0, 1- and 5-shot, each alone with every thread (zoo cached)."""
+    """The quick preset's time: FREE seed 0, 1- and 5-shot, each alone with every thread (zoo cached), timed
+    for TIME_ROUNDS rounds; the report projects a whole quick run from the times of each phase."""
     results = load_results()
     build_quick_zoo(args, 0, results)
     for shots in args.shots:
         name = "time-" + run_name("free", [], shots)
-        res, how = run_one("free", [], shots, args, threads=None, name=name)
+        res, how = run_one("free", ["--rounds", str(TIME_ROUNDS)], shots, args, threads=None, name=name)
         record(results, "time", ("free", [], shots), res, how, name=name)
 
 

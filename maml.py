@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from models import elementary_batch_norm
+
 INNER_LR = 0.01  # MAML inner SGD learning rate, train and test (authors' code default)
 TRAIN_INNER_STEPS = 5  # MAML inner steps during replay (authors' code default)
 TEST_INNER_STEPS = 10  # adaptation steps at meta-test (authors' code default)
@@ -77,7 +79,8 @@ def maml_meta_batch_loss(model, params, x_s, y_s, x_q, y_q, steps=TRAIN_INNER_ST
         return maml_task_loss(model, params, xs, ys, xq, yq, steps, lr, first_order)
 
     if vectorize:
-        losses, accs = vmap(task)(x_s, y_s, x_q, y_q)
+        with elementary_batch_norm():  # F.batch_norm's second-order gradient under vmap is wrong (models.py)
+            losses, accs = vmap(task)(x_s, y_s, x_q, y_q)
     else:
         out = [task(*t) for t in zip(x_s, y_s, x_q, y_q)]
         losses = torch.stack([o[0] for o in out])
@@ -195,7 +198,8 @@ def meta_test(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, lr=INNE
 
     with torch.no_grad():  # torch.func.grad still differentiates inside; no outer graph is kept
         if vectorize:
-            return vmap(task)(x_s, y_s, x_q, y_q)
+            with elementary_batch_norm():
+                return vmap(task)(x_s, y_s, x_q, y_q)
         return torch.stack([task(*t) for t in zip(x_s, y_s, x_q, y_q)])
 
 

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 import maml
 import recover
-from models import Conv4, Generator, ResNet10, ResNet18
+from models import BN_EPS, BatchStatNorm2d, Conv4, Generator, ResNet10, ResNet18, elementary_batch_norm
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +63,39 @@ def test_conv4_meta_learner_uses_batch_statistics_in_eval_mode():
     bn = nn.BatchNorm2d(32, track_running_stats=False)
     h = torch.randn(8, 32, 5, 5)
     torch.testing.assert_close(m.blocks[0][1](h), bn(h))
+
+
+def test_batch_stat_norm_fused_and_elementary_match_the_formula_to_second_order():
+    """y = gamma (x - mu_B) / sqrt(sigma_B^2 + eps) + beta, written here from the definition, against
+    both of BatchStatNorm2d's forms: values, gradients, and the gradient of a gradient (MAML's outer step)."""
+    g = torch.Generator().manual_seed(0)
+    bn = BatchStatNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(3, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(3, generator=g))
+    x = torch.randn(4, 3, 5, 5, generator=g, requires_grad=True)
+    v, u = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+
+    def formula(x):
+        mu = x.sum(dim=(0, 2, 3), keepdim=True) / (4 * 5 * 5)
+        var = ((x - mu) ** 2).sum(dim=(0, 2, 3), keepdim=True) / (4 * 5 * 5)
+        return bn.weight.view(1, 3, 1, 1) * (x - mu) / (var + BN_EPS) ** 0.5 + bn.bias.view(1, 3, 1, 1)
+
+    def first_and_second_order(f):
+        y = f(x)
+        dx, = torch.autograd.grad((y * v).sum(), x, create_graph=True)
+        return [y, dx, *torch.autograd.grad((dx * u).sum(), [x, bn.weight])]
+
+    expected = first_and_second_order(formula)
+    assert not BatchStatNorm2d.elementary
+    fused = first_and_second_order(bn)
+    with elementary_batch_norm():
+        assert BatchStatNorm2d.elementary
+        elementary = first_and_second_order(bn)
+    assert not BatchStatNorm2d.elementary  # the switch is restored on exit
+    for want, a, b in zip(expected, fused, elementary):
+        torch.testing.assert_close(a, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, want, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- MAML
