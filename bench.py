@@ -633,6 +633,12 @@ def time_md(timed):
                      f"{r['seconds_per_warmup_round']:.2f} | {r['seconds_per_round']:.2f} | {split} | "
                      f"{r['seconds_per_validation']:.1f} | {r['test_seconds']:.1f} | "
                      f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f} | {projected_seconds(r, quick) / 60:.0f} min |")
+    lines.append("")
+    for name, r in sorted(timed.items()):
+        phases = projected_phases(r, quick)
+        total = sum(phases.values())
+        shares = ", ".join(f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in phases.items())
+        lines.append(f"- {r['shots']}-shot, a {quick.rounds}-round run alone, projected: {total:.0f} s = {shares}.")
     return "\n".join(lines) + "\n"
 
 
@@ -763,12 +769,28 @@ GPU_FIELDS = ("seconds_per_warmup_round", "seconds_per_round", "seconds_per_roun
               "seconds_per_round_replay", "seconds_per_validation", "test_seconds", "peak_memory_mb")
 
 
-def projected_seconds(res, cfg):
-    """A full run of `cfg` at a short run's measured speeds: warm-up rounds, training rounds, every
-    meta-validation and the meta-test (the teacher zoo is trained once and cached, so not counted)."""
+def projected_phases(res, cfg):
+    """A full run of `cfg` at a short run's measured speeds, by phase in seconds: warm-up rounds; the training
+    rounds' recovery, KD with Eq. (3), replay, and the rest of a round (memory bank, logging, checkpoints);
+    every meta-validation; the meta-test. The teacher zoo is trained once and cached, so not counted."""
     validations = sum(free.is_validation_round(cfg, r) for r in range(1, cfg.rounds + 1))
-    return (cfg.warmup * res["seconds_per_warmup_round"] + (cfg.rounds - cfg.warmup) * res["seconds_per_round"]
-            + validations * res["seconds_per_validation"] + res["test_seconds"])
+    train = cfg.rounds - cfg.warmup
+    phases = {"warm-up": cfg.warmup * res["seconds_per_warmup_round"]}
+    split = {"recovery": "seconds_per_round_recovery", "KD + Eq. (3)": "seconds_per_round_kd",
+             "replay": "seconds_per_round_replay"}
+    if all(k in res for k in split.values()):
+        phases.update({name: train * res[k] for name, k in split.items()})
+        phases["rest of a round"] = train * (res["seconds_per_round"] - sum(res[k] for k in split.values()))
+    else:  # a run older than the per-phase record
+        phases["training rounds"] = train * res["seconds_per_round"]
+    phases["meta-validation"] = validations * res["seconds_per_validation"]
+    phases["meta-test"] = res["test_seconds"]
+    return phases
+
+
+def projected_seconds(res, cfg):
+    """A full run of `cfg` at a short run's measured speeds (the sum of `projected_phases`)."""
+    return sum(projected_phases(res, cfg).values())
 
 
 def gpu_md(g):

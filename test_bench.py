@@ -127,6 +127,14 @@ def test_time_table_shows_the_round_split():
     minutes = (quick.warmup * 1.5 + (quick.rounds - quick.warmup) * 7.25 + validations * 20.0 + 65.0) / 60
     assert f"| 1 | 60 | 10 | 2 | 1.50 | 7.25 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 | 60.00 ± 0.50 | {minutes:.0f} min |" in md
     assert f"| {quick.rounds} rounds alone, projected |" in md
+    # by phase: 10 warm-up rounds of 1.5 s; 130 training rounds of 1.0 recovery, 0.25 KD, 6.0 replay and 0.0 else
+    train = quick.rounds - quick.warmup
+    phases = [15.0, train * 1.0, train * 0.25, train * 6.0, 0.0, validations * 20.0, 65.0]
+    total = sum(phases)
+    assert abs(total - minutes * 60) < 1e-6
+    names = ["warm-up", "recovery", "KD + Eq. (3)", "replay", "rest of a round", "meta-validation", "meta-test"]
+    shares = ", ".join(f"{n} {p:.0f} s ({100 * p / total:.0f}%)" for n, p in zip(names, phases))
+    assert f"- 1-shot, a {quick.rounds}-round run alone, projected: {total:.0f} s = {shares}." in md
 
 
 TINY = ["--n-teachers", "3", "--zoo-batch", "32", "--B", "2", "--nf", "8", "--meta-batch", "2", "--max-replay", "1",
