@@ -637,7 +637,7 @@ def time_md(timed):
     for name, r in sorted(timed.items()):
         phases = projected_phases(r, quick)
         total = sum(phases.values())
-        shares = ", ".join(f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in phases.items())
+        shares = ", ".join(f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in phases.items() if v >= 0.5)  # not "0 s"
         lines.append(f"- {r['shots']}-shot, a {quick.rounds}-round run alone, projected: {total:.0f} s = {shares}.")
     return "\n".join(lines) + "\n"
 

@@ -118,23 +118,25 @@ def test_report_collects_finished_runs_and_rewrites_only_the_readme_section(tmp_
 
 
 def test_time_table_shows_the_round_split():
-    r = run(60.0, shots=1, rounds=60, torch_threads=2, seconds_per_warmup_round=1.5, seconds_per_round=7.25,
+    r = run(60.0, shots=1, rounds=60, torch_threads=2, seconds_per_warmup_round=1.5, seconds_per_round=7.5,
             seconds_per_round_recovery=1.0, seconds_per_round_kd=0.25, seconds_per_round_replay=6.0,
             seconds_per_validation=20.0, test_seconds=65.0)
     md = bench.time_md({"time-omniglot-1shot-free": r})
     quick = free.parse_args(["--dataset", "omniglot", "--preset", "quick"])
     validations = quick.rounds // quick.eval_every  # every 20th round; the last round is one of them
-    minutes = (quick.warmup * 1.5 + (quick.rounds - quick.warmup) * 7.25 + validations * 20.0 + 65.0) / 60
-    assert f"| 1 | 60 | 10 | 2 | 1.50 | 7.25 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 | 60.00 ± 0.50 | {minutes:.0f} min |" in md
+    minutes = (quick.warmup * 1.5 + (quick.rounds - quick.warmup) * 7.5 + validations * 20.0 + 65.0) / 60
+    assert f"| 1 | 60 | 10 | 2 | 1.50 | 7.50 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 | 60.00 ± 0.50 | {minutes:.0f} min |" in md
     assert f"| {quick.rounds} rounds alone, projected |" in md
-    # by phase: 10 warm-up rounds of 1.5 s; 130 training rounds of 1.0 recovery, 0.25 KD, 6.0 replay and 0.0 else
+    # by phase: 10 warm-up rounds of 1.5 s; 130 training rounds of 1.0 recovery, 0.25 KD, 6.0 replay and 0.25 else
     train = quick.rounds - quick.warmup
-    phases = [15.0, train * 1.0, train * 0.25, train * 6.0, 0.0, validations * 20.0, 65.0]
+    phases = [15.0, train * 1.0, train * 0.25, train * 6.0, train * 0.25, validations * 20.0, 65.0]
     total = sum(phases)
     assert abs(total - minutes * 60) < 1e-6
     names = ["warm-up", "recovery", "KD + Eq. (3)", "replay", "rest of a round", "meta-validation", "meta-test"]
     shares = ", ".join(f"{n} {p:.0f} s ({100 * p / total:.0f}%)" for n, p in zip(names, phases))
     assert f"- 1-shot, a {quick.rounds}-round run alone, projected: {total:.0f} s = {shares}." in md
+    r["seconds_per_round"] = 7.25  # nothing outside the three phases: no "rest of a round 0 s"
+    assert "rest of a round" not in bench.time_md({"time-omniglot-1shot-free": r})
 
 
 TINY = ["--n-teachers", "3", "--zoo-batch", "32", "--B", "2", "--nf", "8", "--meta-batch", "2", "--max-replay", "1",
