@@ -59,7 +59,7 @@ def test_conv4_meta_learner_uses_batch_statistics_in_eval_mode():
     # with batch statistics, a sample's output depends on the rest of the batch
     assert not torch.allclose(m(x)[:4], m(x[:4]))
     assert [k for k, _ in m.named_buffers()] == ["normalize.mean", "normalize.std"]  # no running stats
-    # batch statistics written out == nn.BatchNorm2d without running statistics
+    # BatchStatNorm2d == nn.BatchNorm2d without running statistics (its formula: the test below)
     bn = nn.BatchNorm2d(32, track_running_stats=False)
     h = torch.randn(8, 32, 5, 5)
     torch.testing.assert_close(m.blocks[0][1](h), bn(h))
