@@ -64,6 +64,8 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
 LONG_ROUNDS = 200  # `bench.py rounds`: FREE 1-shot continued to this many rounds by default
 QUICK_ROUNDS = free.PRESETS["quick"]["rounds"]  # a run of `bench.py seeds` shorter than this is continued to it
+ROUND_PHASES = {"recovery": "seconds_per_round_recovery", "KD + Eq. (3)": "seconds_per_round_kd",
+                "replay": "seconds_per_round_replay"}  # a training round's phases as free.py's results.json records them
 TIME_ROUNDS = 40  # `bench.py time`: rounds timed (warm-up, training, two meta-validations, the meta-test); the rest projected
 BANK_TASKS, BANK_TASK_SEED = 200, 7  # `bench.py bank`: tasks of each kind (as many as the quick preset validates on)
 VAL_MARGIN = 3.0  # the quick preset's rounds: the fewest at which FREE's meta-val beats average's by this on every seed
@@ -627,7 +629,7 @@ def time_md(timed):
              f"replay | validation s (each) | meta-test s | test accuracy | {quick.rounds} rounds alone, projected |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(timed.items()):
-        phases = [r.get(k) for k in ("seconds_per_round_recovery", "seconds_per_round_kd", "seconds_per_round_replay")]
+        phases = [r.get(k) for k in ROUND_PHASES.values()]
         split = " / ".join(f"{p:.2f}" for p in phases) if all(p is not None for p in phases) else "–"
         lines.append(f"| {r['shots']} | {r['rounds']} | {r['wall_seconds']:.0f} | {r.get('torch_threads', '?')} | "
                      f"{r['seconds_per_warmup_round']:.2f} | {r['seconds_per_round']:.2f} | {split} | "
@@ -776,11 +778,9 @@ def projected_phases(res, cfg):
     validations = sum(free.is_validation_round(cfg, r) for r in range(1, cfg.rounds + 1))
     train = cfg.rounds - cfg.warmup
     phases = {"warm-up": cfg.warmup * res["seconds_per_warmup_round"]}
-    split = {"recovery": "seconds_per_round_recovery", "KD + Eq. (3)": "seconds_per_round_kd",
-             "replay": "seconds_per_round_replay"}
-    if all(k in res for k in split.values()):
-        phases.update({name: train * res[k] for name, k in split.items()})
-        phases["rest of a round"] = train * (res["seconds_per_round"] - sum(res[k] for k in split.values()))
+    if all(k in res for k in ROUND_PHASES.values()):
+        phases.update({name: train * res[k] for name, k in ROUND_PHASES.items()})
+        phases["rest of a round"] = train * (res["seconds_per_round"] - sum(res[k] for k in ROUND_PHASES.values()))
     else:  # a run older than the per-phase record
         phases["training rounds"] = train * res["seconds_per_round"]
     phases["meta-validation"] = validations * res["seconds_per_validation"]
@@ -834,8 +834,9 @@ def bench_report(args):
     found = results.setdefault("seeds", {})
     for job in seed_jobs((1, 5)):
         out = os.path.join(OUT, "runs", run_name(*job))
-        if os.path.exists(os.path.join(out, "results.json")):
-            res = found[run_name(*job)] = json.load(open(os.path.join(out, "results.json")))
+        path = os.path.join(out, "results.json")
+        if os.path.exists(path):
+            res = found[run_name(*job)] = json.load(open(path))
             has_log = res["rounds"] and os.path.exists(os.path.join(out, "log.txt"))
             last = replay_window(log_curves(out)["replay_curve"], res["rounds"]) if has_log else []
             if last:
