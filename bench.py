@@ -51,15 +51,17 @@ SEEDS = (0, 1, 2)  # each reseeds the whole pipeline: teacher zoo, generator, me
 SEED_RUNS = [("free", [], 1), ("average", [], 1), ("random", [], 1), ("free", [], 5), ("average", [], 5),
              ("random", [], 5), ("free", ["--no-align"], 1), ("free", ["--hard-labels"], 1),
              ("free", ["--no-meta-generator"], 1), ("free", ["--theta-tilde-opt", "sgd"], 1),
-             ("free", ["--no-kd-augment"], 1), ("free", ["--bank-filter", "agree"], 1), ("maml", [], 1),
-             ("maml", [], 5)]
+             ("free", ["--no-kd-augment"], 1), ("free", ["--bank-filter", "agree"], 1),
+             ("free", ["--max-replay", "0"], 1), ("free", ["--max-replay", "1"], 1), ("maml", [], 1), ("maml", [], 5)]
 # what each ablation or setting removes, for the README's "component" lines
 COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--hard-labels": "soft-label KD (vs CE on hard labels, supplement Table 2)",
               "--no-meta-generator": "the meta-generator (vs 20 from-scratch steps)",
               "--theta-tilde-opt sgd": "Adam on theta_tilde (vs plain SGD)",
               "--no-kd-augment": "A(.) on the KD images (vs none)",
-              "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)"}
+              "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)",
+              "--max-replay 0": "cross-task MAML replay (vs none: KD and Eq. (3) alone)",
+              "--max-replay 1": "up to 4 replay meta-batches a round (vs 1)"}
 # the paper's CIFAR-FS numbers (Table 2 of the paper and supplement Table 2, Conv4 5-way), beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
 LONG_ROUNDS = 200  # `bench.py rounds`: FREE 1-shot continued to this many rounds by default

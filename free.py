@@ -87,7 +87,7 @@ class Config:
     nf: int = 64  # nf, generator width (supplement Table 1: 64)
     meta_batch: int = 10  # tasks per replay meta-batch (authors' code: 10)
     replay_patience: int = 10  # stop replay when train acc has not improved for this many meta-batches (authors)
-    max_replay: int = 50  # at most this many replay meta-batches a round (ours: bounds a round's time)
+    max_replay: int = 50  # at most this many replay meta-batches a round (ours: bounds a round's time; 0: none)
     eval_every: int = 20  # E, rounds between meta-validations (authors: 20)
     val_tasks: int = 600  # meta-validation tasks
     test_tasks: int = 600  # meta-test tasks (per domain for mix)
@@ -388,8 +388,8 @@ class Trainer:
         meta-train split) until train accuracy stalls for `replay_patience` meta-batches."""
         cfg, best, since, losses, accs = self.cfg, -1.0, 0, [], []
         vectorize = use_vmap(cfg, self.device)
-        if cfg.method != "maml" and not self.bank.can_sample(cfg.way, cfg.shots, cfg.query):
-            return {"replay_batches": 0}  # too few images per class in the bank yet
+        if cfg.max_replay == 0 or (cfg.method != "maml" and not self.bank.can_sample(cfg.way, cfg.shots, cfg.query)):
+            return {"replay_batches": 0}  # replay switched off (--max-replay 0), or too few images per class yet
         for _ in range(cfg.max_replay):
             if cfg.method == "maml":
                 batch = sample_tasks(self.ds.splits["train"], cfg.meta_batch, cfg.way, cfg.shots, cfg.query, self.rng)
@@ -515,6 +515,9 @@ def check_settings(cfg, ds):
                         ("--val-tasks", cfg.val_tasks), ("--test-tasks", cfg.test_tasks), ("--way", cfg.way)):
         if value < 1:
             raise UserError(f"{name} {value}: expected at least 1")
+    if cfg.max_replay < (1 if cfg.method == "maml" else 0):  # maml learns from replay alone
+        raise UserError(f"--max-replay {cfg.max_replay}: expected at least {1 if cfg.method == 'maml' else 0} "
+                        f"for --method {cfg.method}")
     splits = ["val", "test"] + (["train"] if needs_zoo or cfg.method == "maml" else [])
     for s in splits:
         split = ds.splits[s]

@@ -36,7 +36,8 @@ def run(out, cache, *extra):
 
 @pytest.mark.parametrize("extra", [
     ["--method", "free"], ["--method", "random"], ["--method", "average"], ["--method", "maml"],
-    ["--no-meta-generator"], ["--no-align"], ["--hard-labels"], ["--shots", "5", "--first-order"]])
+    ["--no-meta-generator"], ["--no-align"], ["--hard-labels"], ["--shots", "5", "--first-order"],
+    ["--max-replay", "0"]])
 def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache, extra):
     res = run(tmp_path, cache, *extra)
     on_disk = json.load(open(tmp_path / "results.json"))
@@ -47,8 +48,9 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     model = free.Conv4(**best["arch"])
     model.load_state_dict(best["model"])
     assert json.load(open(tmp_path / "config.json"))["preset"] == "smoke"
-    if res["method"] in free.TRAINED:  # MAML replay ran (from the memory bank, or real data for maml)
-        assert "replay_acc" in open(tmp_path / "log.txt").read()
+    replayed = res["method"] in free.TRAINED and "--max-replay" not in extra
+    # MAML replay ran (from the memory bank, or real data for maml), or did not with --max-replay 0
+    assert ("replay_acc" in open(tmp_path / "log.txt").read()) == replayed
     assert res["best_val_acc"] is not None  # every method has a meta-validation accuracy to compare on
     if res["method"] == "free":
         assert (tmp_path / "recovered.png").exists() and res["recovery_seconds_total"] > 0
@@ -188,6 +190,8 @@ USER_ERRORS = {  # case: (extra free.py arguments, setup of the folder, what the
                            "could not download http://127.0.0.1:9/cifar-100-python.tar.gz"),
     "way too large": (["--dataset", "synthetic", "--way", "50"], None, "--way 50"),
     "zero teachers": (["--dataset", "synthetic", "--n-teachers", "0"], None, "--n-teachers 0"),
+    "maml without replay": (["--dataset", "synthetic", "--method", "maml", "--max-replay", "0"], None,
+                            "--max-replay 0: expected at least 1 for --method maml"),
     "shots too large": (["--dataset", "synthetic", "--shots", "5", "--query", "100"], None, "lower --shots"),
     "resume of a missing run": (["--dataset", "synthetic", "--resume"], None, "no last.pt"),
     "resume of a foreign run": (["--dataset", "synthetic", "--resume"], lambda p: foreign_run(p / "run"),
