@@ -52,7 +52,8 @@ SEED_RUNS = [("free", [], 1), ("average", [], 1), ("random", [], 1), ("free", []
              ("random", [], 5), ("free", ["--no-align"], 1), ("free", ["--hard-labels"], 1),
              ("free", ["--no-meta-generator"], 1), ("free", ["--theta-tilde-opt", "sgd"], 1),
              ("free", ["--no-kd-augment"], 1), ("free", ["--bank-filter", "agree"], 1),
-             ("free", ["--max-replay", "0"], 1), ("free", ["--max-replay", "1"], 1), ("maml", [], 1), ("maml", [], 5)]
+             ("free", ["--max-replay", "0"], 1), ("free", ["--max-replay", "1"], 1), ("free", ["--no-kd"], 1),
+             ("maml", [], 1), ("maml", [], 5)]
 # what each ablation or setting removes, for the README's "component" lines
 COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--hard-labels": "soft-label KD (vs CE on hard labels, supplement Table 2)",
@@ -61,7 +62,8 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--no-kd-augment": "A(.) on the KD images (vs none)",
               "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)",
               "--max-replay 0": "cross-task MAML replay (vs none: KD and Eq. (3) alone)",
-              "--max-replay 1": "up to 4 replay meta-batches a round (vs 1)"}
+              "--max-replay 1": "up to 4 replay meta-batches a round (vs 1)",
+              "--no-kd": "KD with Eq. (3) (vs none: replay alone)"}
 # the paper's CIFAR-FS numbers (Table 2 of the paper and supplement Table 2, Conv4 5-way), beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
 LONG_ROUNDS = 200  # `bench.py rounds`: FREE 1-shot continued to this many rounds by default

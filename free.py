@@ -62,6 +62,7 @@ class Config:
     hard_labels: bool = False  # ablation: CE on recovered labels instead of KD (supplement Table 2)
     theta_tilde_opt: str = "adam"  # optimizer of theta_tilde in Eq. (3): adam (supplement, authors) / sgd (Lemma 1)
     no_kd_augment: bool = False  # KD on the recovered images as they are, not through A(.) (authors augment them)
+    no_kd: bool = False  # ablation: no KD + Eq. (3) step; the meta-learner learns from cross-task replay alone
     bank_filter: str = "all"  # memory bank keeps: all recovered images / those the teacher labels as Y ("agree", ours)
     first_order: bool = False  # FOMAML replay instead of second-order MAML
     teacher_arch: str = "conv4"  # zoo architecture: conv4 / resnet10 / resnet18 / mix
@@ -164,7 +165,7 @@ def run_name(cfg):
 
 
 def ablations(cfg):
-    names = ["no_meta_generator", "no_align", "hard_labels", "first_order", "no_kd_augment"]
+    names = ["no_meta_generator", "no_align", "hard_labels", "first_order", "no_kd_augment", "no_kd"]
     out = [n.replace("_", "-") for n in names if getattr(cfg, n)]
     defaults = Config()
     return out + [f"{n.replace('_', '-')}-{getattr(cfg, n)}" for n in ("theta_tilde_opt", "bank_filter")
@@ -436,13 +437,15 @@ class Trainer:
             for r, t in zip(tasks, chosen):  # every recovered task; authors' code stores only the last
                 keep = r.teacher_logits.argmax(1) == r.y if cfg.bank_filter == "agree" else slice(None)
                 self.bank.add(r.x[keep], r.y[keep], t.classes)
-            kd_tasks = [self.kd_task(r, t) for r, t in zip(tasks, chosen)]
-            g, kd = maml.align_meta_gradient(self.model, maml.detached_params(self.model), kd_tasks, cfg.alpha,
-                                             cfg.tau, cfg.hard_labels, align=not cfg.no_align,
-                                             optimizer=cfg.theta_tilde_opt)
-            check_finite(kd, "KD loss (Eq. 3)", self.round)
-            maml.apply_meta_gradient(self.model, self.opt, g)
-            row.update(kd=kd.item(), bank=len(self.bank))
+            if not cfg.no_kd:  # ablation --no-kd: the meta-learner learns from replay alone
+                kd_tasks = [self.kd_task(r, t) for r, t in zip(tasks, chosen)]
+                g, kd = maml.align_meta_gradient(self.model, maml.detached_params(self.model), kd_tasks, cfg.alpha,
+                                                 cfg.tau, cfg.hard_labels, align=not cfg.no_align,
+                                                 optimizer=cfg.theta_tilde_opt)
+                check_finite(kd, "KD loss (Eq. 3)", self.round)
+                maml.apply_meta_gradient(self.model, self.opt, g)
+                row.update(kd=kd.item())
+            row.update(bank=len(self.bank))
             self.stats["kd_seconds"] += time.perf_counter() - t_kd
         elif warm:
             return row

@@ -37,7 +37,7 @@ def run(out, cache, *extra):
 @pytest.mark.parametrize("extra", [
     ["--method", "free"], ["--method", "random"], ["--method", "average"], ["--method", "maml"],
     ["--no-meta-generator"], ["--no-align"], ["--hard-labels"], ["--shots", "5", "--first-order"],
-    ["--max-replay", "0"]])
+    ["--max-replay", "0"], ["--no-kd"]])
 def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache, extra):
     res = run(tmp_path, cache, *extra)
     on_disk = json.load(open(tmp_path / "results.json"))
@@ -51,6 +51,8 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     replayed = res["method"] in free.TRAINED and "--max-replay" not in extra
     # MAML replay ran (from the memory bank, or real data for maml), or did not with --max-replay 0
     assert ("replay_acc" in open(tmp_path / "log.txt").read()) == replayed
+    distilled = res["method"] == "free" and "--no-kd" not in extra  # KD + Eq. (3) ran, or did not with --no-kd
+    assert ("| kd " in open(tmp_path / "log.txt").read()) == distilled
     assert res["best_val_acc"] is not None  # every method has a meta-validation accuracy to compare on
     if res["method"] == "free":
         assert (tmp_path / "recovered.png").exists() and res["recovery_seconds_total"] > 0
