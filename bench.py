@@ -62,7 +62,7 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--no-kd-augment": "A(.) on the KD images (vs none)",
               "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)",
               "--max-replay 0": "cross-task MAML replay (vs none: KD and Eq. (3) alone)",
-              "--max-replay 1": "up to 4 replay meta-batches a round (vs 1)",
+              "--max-replay 1": f"up to {free.PRESETS['quick']['max_replay']} replay meta-batches a round (vs 1)",
               "--no-kd": "KD with Eq. (3) (vs none: replay alone)"}
 # the paper's CIFAR-FS numbers (Table 2 of the paper and supplement Table 2, Conv4 5-way), beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
