@@ -118,6 +118,8 @@ PRESETS = {
 }
 # settings whose change makes a checkpoint belong to another run (everything but where/how to run)
 NOT_IDENTITY = ("out", "resume", "device", "vmap", "data_root", "mirror", "cache", "rounds")
+# settings added after runs were saved, with the value that reproduces a run whose config.json lacks them
+ADDED_SETTINGS = {"no_kd": False}
 
 
 # ------------------------------------------------------------------------ command line
@@ -495,6 +497,7 @@ def check_resume(cfg, out):
         raise UserError(f"--resume: cannot read {path} ({e}); it is written at a run's start: start a new run "
                         f"in another --out") from e
     mine = dataclasses.asdict(cfg)
+    saved = {**ADDED_SETTINGS, **saved}
     diff = [k for k in mine if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
     if diff:
         raise UserError(f"--resume: {out} belongs to a different configuration; differing settings: "

@@ -142,6 +142,24 @@ def test_resume_refuses_a_different_configuration(tmp_path, cache):
     assert os.path.exists(tmp_path / "last.pt")
 
 
+def test_resume_reads_a_setting_added_later_as_the_behaviour_the_run_had(tmp_path):
+    """A config.json written before a setting existed resumes when the setting has the value that
+    reproduces the saved run (free.ADDED_SETTINGS), and is refused for any other value or setting."""
+    cfg = free.parse_args(["--dataset", "synthetic", "--preset", "smoke", "--out", str(tmp_path), "--resume"])
+    (tmp_path / "last.pt").write_bytes(b"")
+    saved = free.dataclasses.asdict(cfg)
+    for key in (*free.ADDED_SETTINGS, "bank_filter"):
+        del saved[key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(free.UserError, match=r"differing settings: bank_filter \(saved None, now 'all'\)\. "):
+        free.check_resume(cfg, str(tmp_path))  # a setting missing from ADDED_SETTINGS still differs
+    saved["bank_filter"] = cfg.bank_filter
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    free.check_resume(cfg, str(tmp_path))  # no_kd missing: the run had KD, as --no-kd off has
+    with pytest.raises(free.UserError, match=r"no_kd \(saved False, now True\)"):
+        free.check_resume(free.dataclasses.replace(cfg, no_kd=True), str(tmp_path))
+
+
 def test_multi_domain_meta_test_reports_each_domain_and_their_mean(tmp_path, monkeypatch):
     """With test classes from two domains, the meta-test runs test_tasks tasks per domain, each
     from that domain's classes only, and reports their mean (the `mix` protocol: 3 x 600)."""
