@@ -521,9 +521,9 @@ def check_settings(cfg, ds):
                         ("--val-tasks", cfg.val_tasks), ("--test-tasks", cfg.test_tasks), ("--way", cfg.way)):
         if value < 1:
             raise UserError(f"{name} {value}: expected at least 1")
-    if cfg.max_replay < (1 if cfg.method == "maml" else 0):  # maml learns from replay alone
-        raise UserError(f"--max-replay {cfg.max_replay}: expected at least {1 if cfg.method == 'maml' else 0} "
-                        f"for --method {cfg.method}")
+    least_replay = 1 if cfg.method == "maml" else 0  # maml learns from replay alone
+    if cfg.max_replay < least_replay:
+        raise UserError(f"--max-replay {cfg.max_replay}: expected at least {least_replay} for --method {cfg.method}")
     splits = ["val", "test"] + (["train"] if needs_zoo or cfg.method == "maml" else [])
     for s in splits:
         split = ds.splits[s]

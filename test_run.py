@@ -48,11 +48,12 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     model = free.Conv4(**best["arch"])
     model.load_state_dict(best["model"])
     assert json.load(open(tmp_path / "config.json"))["preset"] == "smoke"
+    log = open(tmp_path / "log.txt").read()
     replayed = res["method"] in free.TRAINED and "--max-replay" not in extra
     # MAML replay ran (from the memory bank, or real data for maml), or did not with --max-replay 0
-    assert ("replay_acc" in open(tmp_path / "log.txt").read()) == replayed
+    assert ("replay_acc" in log) == replayed
     distilled = res["method"] == "free" and "--no-kd" not in extra  # KD + Eq. (3) ran, or did not with --no-kd
-    assert ("| kd " in open(tmp_path / "log.txt").read()) == distilled
+    assert ("| kd " in log) == distilled
     assert res["best_val_acc"] is not None  # every method has a meta-validation accuracy to compare on
     if res["method"] == "free":
         assert (tmp_path / "recovered.png").exists() and res["recovery_seconds_total"] > 0
