@@ -53,7 +53,7 @@ SEED_RUNS = [("free", [], 1), ("average", [], 1), ("random", [], 1), ("free", []
              ("free", ["--no-meta-generator"], 1), ("free", ["--theta-tilde-opt", "sgd"], 1),
              ("free", ["--no-kd-augment"], 1), ("free", ["--bank-filter", "agree"], 1),
              ("free", ["--max-replay", "0"], 1), ("free", ["--max-replay", "1"], 1), ("free", ["--no-kd"], 1),
-             ("maml", [], 1), ("maml", [], 5)]
+             ("free", ["--first-order"], 1), ("maml", [], 1), ("maml", [], 5)]
 # what each ablation or setting removes, for the README's "component" lines
 COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--hard-labels": "soft-label KD (vs CE on hard labels, supplement Table 2)",
@@ -63,7 +63,8 @@ COMPONENTS = {"--no-align": "Eq. (3) alignment (vs independent KD steps)",
               "--bank-filter agree": "keeping every recovered image (vs only those the teacher labels as Y)",
               "--max-replay 0": "cross-task MAML replay (vs none: KD and Eq. (3) alone)",
               "--max-replay 1": f"up to {free.PRESETS['quick']['max_replay']} replay meta-batches a round (vs 1)",
-              "--no-kd": "KD with Eq. (3) (vs none: replay alone)"}
+              "--no-kd": "KD with Eq. (3) (vs none: replay alone)",
+              "--first-order": "second-order MAML replay (vs first-order, the authors' --approx)"}
 # the paper's CIFAR-FS numbers (Table 2 of the paper and supplement Table 2, Conv4 5-way), beside ours
 PAPER_CIFARFS = {"free": (39.13, 52.58), "free --hard-labels": (37.81, 50.35)}
 LONG_ROUNDS = 200  # `bench.py rounds`: FREE 1-shot continued to this many rounds by default
@@ -71,6 +72,7 @@ QUICK_ROUNDS = free.PRESETS["quick"]["rounds"]  # a run of `bench.py seeds` shor
 ROUND_PHASES = {"recovery": "seconds_per_round_recovery", "KD + Eq. (3)": "seconds_per_round_kd",
                 "replay": "seconds_per_round_replay"}  # a training round's phases as free.py's results.json records them
 TIME_ROUNDS = 40  # `bench.py time`: rounds timed (warm-up, training, two meta-validations, the meta-test); the rest projected
+TIME_RUNS = [("free", [], 1), ("free", [], 5), ("free", ["--first-order"], 1)]  # `bench.py time`: (method, flags, shots)
 BANK_TASKS, BANK_TASK_SEED = 200, 7  # `bench.py bank`: tasks of each kind (as many as the quick preset validates on)
 VAL_MARGIN = 3.0  # the quick preset's rounds: the fewest at which FREE's meta-val beats average's by this on every seed
 JOBS, THREADS = 2, 1  # default runs at a time and torch threads per run (`bench.py time` runs alone, all threads)
@@ -353,13 +355,19 @@ def bench_seeds(args):
 
 def bench_time(args):
     """The quick preset's time: FREE seed 0, 1- and 5-shot, each alone with every thread (zoo cached), timed
-    for TIME_ROUNDS rounds; the report projects a whole quick run from the times of each phase."""
+    for TIME_ROUNDS rounds (and FOMAML replay at 1-shot, the CPU user's faster choice); the report projects a whole
+    quick run from the times of each phase."""
     results = load_results()
     build_quick_zoo(args, 0, results)
-    for shots in args.shots:
-        name = "time-" + run_name("free", [], shots)
-        res, how = run_one("free", ["--rounds", str(TIME_ROUNDS)], shots, args, threads=None, name=name)
-        record(results, "time", ("free", [], shots), res, how, name=name)
+    for method, flags, shots in TIME_RUNS:
+        if shots in args.shots:
+            name = time_name(method, flags, shots)
+            res, how = run_one(method, flags + ["--rounds", str(TIME_ROUNDS)], shots, args, threads=None, name=name)
+            record(results, "time", (method, flags, shots), res, how, name=name)
+
+
+def time_name(method, flags, shots):
+    return "time-" + run_name(method, flags, shots)
 
 
 def long_name(rounds, seed):
@@ -628,14 +636,16 @@ def time_md(timed):
     """The quick preset's time alone and where it goes (per-phase seconds that free.py records), and a full quick
     run projected from them when the timed run is shorter than the preset."""
     quick = free.parse_args(["--dataset", "omniglot", "--preset", "quick"])
+    labels = {time_name(m, f, s): label(m, f) for m, f, s in TIME_RUNS}
     lines = ["### Quick preset: time alone on this 2-core CPU (FREE, seed 0, zoo cached; `python bench.py time`)", "",
-             f"| shots | rounds | wall s | threads | warm-up round s | round s | of which recovery / KD + Eq. (3) / "
+             f"| run | shots | rounds | wall s | threads | warm-up round s | round s | of which recovery / KD + Eq. (3) / "
              f"replay | validation s (each) | meta-test s | test accuracy | {quick.rounds} rounds alone, projected |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(timed.items()):
         phases = [r.get(k) for k in ROUND_PHASES.values()]
         split = " / ".join(f"{p:.2f}" for p in phases) if all(p is not None for p in phases) else "–"
-        lines.append(f"| {r['shots']} | {r['rounds']} | {r['wall_seconds']:.0f} | {r.get('torch_threads', '?')} | "
+        lines.append(f"| {labels.get(name, name)} | {r['shots']} | {r['rounds']} | {r['wall_seconds']:.0f} | "
+                     f"{r.get('torch_threads', '?')} | "
                      f"{r['seconds_per_warmup_round']:.2f} | {r['seconds_per_round']:.2f} | {split} | "
                      f"{r['seconds_per_validation']:.1f} | {r['test_seconds']:.1f} | "
                      f"{r['test_acc']:.2f} ± {r['test_ci95']:.2f} | {projected_seconds(r, quick) / 60:.0f} min |")
@@ -644,7 +654,8 @@ def time_md(timed):
         phases = projected_phases(r, quick)
         total = sum(phases.values())
         shares = ", ".join(f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in phases.items() if v >= 0.5)  # not "0 s"
-        lines.append(f"- {r['shots']}-shot, a {quick.rounds}-round run alone, projected: {total:.0f} s = {shares}.")
+        lines.append(f"- {labels.get(name, name)}, {r['shots']}-shot, a {quick.rounds}-round run alone, projected: "
+                     f"{total:.0f} s = {shares}.")
     return "\n".join(lines) + "\n"
 
 
@@ -819,7 +830,7 @@ def report(results):
     if "seeds" in results:
         parts.append(seeds_md(results["seeds"], results.get("teachers"), results.get("unfinished")))
     if results.get("rounds"):
-        timed = results.get("time", {}).get("time-" + run_name("free", [], 1))
+        timed = results.get("time", {}).get(time_name("free", [], 1))
         parts.append(rounds_md(results["rounds"], results.get("seeds", {}), timed))
     if "time" in results:
         parts.append(time_md(results["time"]))

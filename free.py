@@ -64,7 +64,7 @@ class Config:
     no_kd_augment: bool = False  # KD on the recovered images as they are, not through A(.) (authors augment them)
     no_kd: bool = False  # ablation: no KD + Eq. (3) step; the meta-learner learns from cross-task replay alone
     bank_filter: str = "all"  # memory bank keeps: all recovered images / those the teacher labels as Y ("agree", ours)
-    first_order: bool = False  # FOMAML replay instead of second-order MAML
+    first_order: bool = False  # FOMAML replay instead of second-order MAML (authors' code: --approx)
     teacher_arch: str = "conv4"  # zoo architecture: conv4 / resnet10 / resnet18 / mix
     preset: str = "paper"  # paper / quick / smoke: counts only, never the algorithm
     # ---- where

@@ -125,7 +125,7 @@ def test_time_table_shows_the_round_split():
     quick = free.parse_args(["--dataset", "omniglot", "--preset", "quick"])
     validations = quick.rounds // quick.eval_every  # every 20th round; the last round is one of them
     minutes = (quick.warmup * 1.5 + (quick.rounds - quick.warmup) * 7.5 + validations * 20.0 + 65.0) / 60
-    assert f"| 1 | 60 | 10 | 2 | 1.50 | 7.50 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 | 60.00 ± 0.50 | {minutes:.0f} min |" in md
+    assert f"| free | 1 | 60 | 10 | 2 | 1.50 | 7.50 | 1.00 / 0.25 / 6.00 | 20.0 | 65.0 | 60.00 ± 0.50 | {minutes:.0f} min |" in md
     assert f"| {quick.rounds} rounds alone, projected |" in md
     # by phase: 10 warm-up rounds of 1.5 s; 130 training rounds of 1.0 recovery, 0.25 KD, 6.0 replay and 0.25 else
     train = quick.rounds - quick.warmup
@@ -134,9 +134,11 @@ def test_time_table_shows_the_round_split():
     assert abs(total - minutes * 60) < 1e-6
     names = ["warm-up", "recovery", "KD + Eq. (3)", "replay", "rest of a round", "meta-validation", "meta-test"]
     shares = ", ".join(f"{n} {p:.0f} s ({100 * p / total:.0f}%)" for n, p in zip(names, phases))
-    assert f"- 1-shot, a {quick.rounds}-round run alone, projected: {total:.0f} s = {shares}." in md
+    assert f"- free, 1-shot, a {quick.rounds}-round run alone, projected: {total:.0f} s = {shares}." in md
     r["seconds_per_round"] = 7.25  # nothing outside the three phases: no "rest of a round 0 s"
     assert "rest of a round" not in bench.time_md({"time-omniglot-1shot-free": r})
+    fomaml = bench.time_md({bench.time_name("free", ["--first-order"], 1): r})  # a row is named by its flags
+    assert "| free --first-order | 1 | 60 |" in fomaml and "- free --first-order, 1-shot, a" in fomaml
 
 
 TINY = ["--n-teachers", "3", "--zoo-batch", "32", "--B", "2", "--nf", "8", "--meta-batch", "2", "--max-replay", "1",
