@@ -322,7 +322,7 @@ def build_quick_zoo(args, seed, results):
                            "--seed", str(seed)])
     ds = load_dataset("omniglot", args.data_root)
     teachers = free.load_teachers(cfg, ds, torch.device("cpu"), print)
-    results.setdefault("teachers", {})[str(seed)] = teacher_accuracy_under_A(teachers, ds)
+    store(results, "teachers", str(seed), teacher_accuracy_under_A(teachers, ds))
 
 
 def run_line(name, res, how):
@@ -330,12 +330,22 @@ def run_line(name, res, how):
     return f"{name}: {res['test_acc']:.2f} ± {res['test_ci95']:.2f}  {res['wall_seconds']:.0f}s  ({how})"
 
 
-def record(results, key, job, res, how, name=None):
-    """Store one run's results under results[key], print it, and rewrite results.json/.md."""
-    name = name or run_name(*job)
-    results.setdefault(key, {})[name] = res
-    print(run_line(name, res, how), flush=True)
+def store(results, key, name, value):
+    """results[key][name] = value, and rewrite results.json/.md. results.json is read again first (and `results`
+    refreshed from it), so what another bench.py process stored since this one loaded it is kept: two
+    `bench.py seeds` may run at once."""
+    fresh = load_results()
+    fresh.setdefault(key, {})[name] = value
+    results.clear()
+    results.update(fresh)
     save_results(results)
+
+
+def record(results, key, job, res, how, name=None):
+    """Store one run's results under results[key] (`store`) and print it."""
+    name = name or run_name(*job)
+    store(results, key, name, res)
+    print(run_line(name, res, how), flush=True)
 
 
 def bench_seeds(args):
@@ -343,7 +353,6 @@ def bench_seeds(args):
     results = load_results()
     for seed in SEEDS:
         build_quick_zoo(args, seed, results)
-    save_results(results)
     jobs = seed_jobs(args.shots, args.only, args.seeds)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *job, args): job for job in jobs}
@@ -725,9 +734,8 @@ def bench_bank(args):
                 row[f"{method}_on_{kind}"] = replay_accuracy(model, t, cfg)
         row.update(bank_classes=len(bank.classes()), teachers_per_class=statistics.mean(
             sum(c in t.classes for t in teachers) for c in bank.classes()))
-        results.setdefault("bank", {})[str(seed)] = row
+        store(results, "bank", str(seed), row)
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
-        save_results(results)
 
 
 def bank_md(bank):
@@ -765,7 +773,6 @@ def bench_gpu(args, device="cuda", extra=()):
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("bench.py gpu needs a CUDA device; none is available here")
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    results = load_results()
     runs = {}
     for shots in args.shots:
         out = os.path.join(OUT, "runs", f"gpu-paper-synthetic-{shots}shot")
@@ -778,6 +785,7 @@ def bench_gpu(args, device="cuda", extra=()):
             res, free.Config(shots=shots)) / 60, command="python free.py " + " ".join(argv))
         print(f"gpu {shots}-shot: {res['seconds_per_round']:.2f} s/round, projected "
               f"{runs[str(shots)]['projected_minutes']:.1f} min for the paper's run", flush=True)
+    results = load_results()  # read after the runs: another bench.py may have stored runs meanwhile
     results["gpu"] = {"card": card, "torch": torch.__version__, "runs": runs}
     save_results(results)
 

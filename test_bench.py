@@ -117,6 +117,18 @@ def test_report_collects_finished_runs_and_rewrites_only_the_readme_section(tmp_
     assert "| average, 1-shot | – | 59.00 ± 0.50 | – | ? |" in readme
 
 
+def test_two_bench_processes_recording_at_once_keep_each_others_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job_a, job_b = ("free", [], 1), ("average", [], 5)
+    bench.save_results({"seeds": {bench.run_name(*job_b): run(50.0, rounds=0)}})  # an old run of B's row
+    a, b = bench.load_results(), bench.load_results()  # both processes load results.json at their start
+    bench.record(b, "seeds", job_b, run(51.0, rounds=0), "ran")  # B reruns its row
+    bench.record(a, "seeds", job_a, run(60.0, rounds=bench.QUICK_ROUNDS), "ran")  # A records later, from its old copy
+    on_disk = json.load(open(os.path.join(bench.OUT, "results.json")))["seeds"]
+    assert {k: v["test_acc"] for k, v in on_disk.items()} == {bench.run_name(*job_a): 60.0, bench.run_name(*job_b): 51.0}
+    assert a["seeds"] == on_disk  # A's copy is refreshed, so its later saves keep B's run too
+
+
 def test_time_table_shows_the_round_split():
     r = run(60.0, shots=1, rounds=60, torch_threads=2, seconds_per_warmup_round=1.5, seconds_per_round=7.5,
             seconds_per_round_recovery=1.0, seconds_per_round_kd=0.25, seconds_per_round_replay=6.0,
