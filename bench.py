@@ -364,7 +364,7 @@ def bench_seeds(args):
 
 def bench_time(args):
     """The quick preset's time: FREE seed 0, 1- and 5-shot, each alone with every thread (zoo cached), timed
-    for TIME_ROUNDS rounds (and FOMAML replay at 1-shot, the CPU user's faster choice); the report projects a whole
+    for TIME_ROUNDS rounds (and FOMAML replay at 1-shot, the cheaper replay); the report projects a whole
     quick run from the times of each phase."""
     results = load_results()
     build_quick_zoo(args, 0, results)
