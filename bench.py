@@ -359,7 +359,6 @@ def bench_seeds(args):
         for fut in concurrent.futures.as_completed(futures):
             record(results, "seeds", futures[fut], *fut.result())
     copy_recovered_grid(results)
-    save_results(results)
 
 
 def bench_time(args):
