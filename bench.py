@@ -7,6 +7,7 @@ includes the latter). Every number there is written by this script; none is type
     python bench.py rounds     # FREE 1-shot at other run lengths: meta-validation by round, test at each length
                                # (--rounds R: continues the longest finished run of each seed below R; default 200)
     python bench.py bank       # why MAML replay on the memory bank is a weak signal (cross-teacher agreement)
+    python bench.py kd         # what KD and Eq. (3) alone do to theta: body and head swapped, on meta-validation
     python bench.py gpu        # paper preset on CIFAR-shaped synthetic data: s/round, projected 1000 rounds
     python bench.py report     # rewrite bench/results.md from bench/results.json
 
@@ -74,6 +75,7 @@ ROUND_PHASES = {"recovery": "seconds_per_round_recovery", "KD + Eq. (3)": "secon
 TIME_ROUNDS = 40  # `bench.py time`: rounds timed (warm-up, training, two meta-validations, the meta-test); the rest projected
 TIME_RUNS = [("free", [], 1), ("free", [], 5), ("free", ["--first-order"], 1)]  # `bench.py time`: (method, flags, shots)
 BANK_TASKS, BANK_TASK_SEED = 200, 7  # `bench.py bank`: tasks of each kind (as many as the quick preset validates on)
+KD_ONLY = ("free", ["--max-replay", "0"])  # `bench.py kd`: the run whose meta-learner learns from KD + Eq. (3) alone
 VAL_MARGIN = 3.0  # the quick preset's rounds: the fewest at which FREE's meta-val beats average's by this on every seed
 JOBS, THREADS = 2, 1  # default runs at a time and torch threads per run (`bench.py time` runs alone, all threads)
 # `bench.py gpu`: the paper preset on CIFAR-FS-shaped synthetic data (32x32x3), 1- and 5-shot, a few rounds timed
@@ -667,7 +669,7 @@ def time_md(timed):
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------ 3. why replay is a weak signal
+# ------------------------------------------------------------------------ 3. why replay is a weak signal, and what KD alone does
 
 
 def cross_teacher_agreement(teachers, G, student, cfg, ds):
@@ -761,6 +763,81 @@ def bank_md(bank):
     return "\n".join(lines) + "\n"
 
 
+def combine(body, head):
+    """A meta-learner state dict: every entry of `body` but the linear head's, which come from `head`
+    (a zero head if None: adaptation then starts from the body's features alone)."""
+    return {k: v if not k.startswith("head.") else head[k] if head is not None else torch.zeros_like(v)
+            for k, v in body.items()}
+
+
+KD_ROWS = [  # `bench.py kd`: (row, body, head): theta_0 at the run's start, after KD alone, after FREE
+    ("initial theta_0 (random init)", "init", "init"),
+    ("initial body, head zeroed", "init", None),
+    ("initial body, KD-only run's head", "init", "kd"),
+    ("KD-only run", "kd", "kd"),
+    ("KD-only body, head zeroed", "kd", None),
+    ("KD-only body, initial head", "kd", "init"),
+    ("FREE", "free", "free"),
+    ("FREE's body, head zeroed", "free", None),
+]
+
+
+def swapped_accuracies(theta, accuracy):
+    """{row: accuracy(state)} for every KD_ROWS row, its state made of theta[body]'s body and theta[head]'s head."""
+    return {name: accuracy(combine(theta[body], theta[head] if head else None)) for name, body, head in KD_ROWS}
+
+
+def bench_kd(args):
+    """What KD and Eq. (3) alone do to theta (the `free --max-replay 0` runs end below their own start on
+    meta-validation): each seed's initial theta_0 (the start every run of that seed shares: free.main reseeds,
+    then builds the meta-learner first), and the KD-only run's and FREE's theta after QUICK_ROUNDS rounds
+    (last.pt), with the convolutional body and the linear head swapped between them, on the meta-val tasks."""
+    results, cpu = load_results(), torch.device("cpu")
+    ds = load_dataset("omniglot", args.data_root)
+    for seed in args.seeds:
+        flags = seed_flags(seed)
+        cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root, *flags])
+        free.set_seed(cfg.seed)
+        theta = {"init": free.new_meta_learner(ds, cfg, cpu).state_dict()}
+        for key, (method, run_flags) in {"kd": KD_ONLY, "free": ("free", [])}.items():
+            run = os.path.join(OUT, "runs", run_name(method, run_flags + flags, 1))
+            if finished_rounds(run) < QUICK_ROUNDS:
+                raise UserError(f"kd: {run} is not a finished {QUICK_ROUNDS}-round run; run `bench.py seeds --shots 1 "
+                                f"--only '{label(method, run_flags)}'` first")
+            theta[key] = zoo.load_checkpoint(os.path.join(run, "last.pt"), UserError, "kd:",
+                                             "rerun `bench.py seeds`")["model"]
+        model = free.new_meta_learner(ds, cfg, cpu)
+
+        def val_accuracy(state):
+            model.load_state_dict(state)
+            return free.evaluate(cfg, model, maml.detached_params(model), ds.splits["val"], cfg.val_tasks,
+                                 free.VAL_TASK_SEED, cpu)[0]
+
+        row = swapped_accuracies(theta, val_accuracy)
+        store(results, "kd", str(seed), row)
+        print(f"seed {seed}: " + ", ".join(f"{name} {acc:.2f}" for name, acc in row.items()), flush=True)
+
+
+def kd_md(kd):
+    seeds = sorted(kd)
+    lines = ["### What KD alone does to θ (`python bench.py kd`)", "",
+             f"Meta-validation accuracy (the {free.PRESETS['quick']['val_tasks']} tasks every run validates on, "
+             f"{free.Config.test_inner_steps} adaptation steps) of each seed's initial θ_0 (the start that seed's "
+             f"runs share), of the `{label(*KD_ONLY)}` run (KD and Eq. (3), no replay) and of FREE, both "
+             f"after {QUICK_ROUNDS} rounds (last.pt), with the convolutional body (convolutions and BatchNorm) "
+             f"and the linear head swapped between them or the head zeroed.", "",
+             "| body, head | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for name, _, _ in KD_ROWS:
+        lines.append(f"| {name} | " + " | ".join(f"{kd[s][name]:.2f}" for s in seeds) + " |")
+    lines.append("")
+    for what, name in (("body alone", "KD-only body, initial head"), ("head alone", "initial body, KD-only run's head"),
+                       ("body and head", "KD-only run")):
+        d = [kd[s][name] - kd[s]["initial theta_0 (random init)"] for s in seeds]
+        lines.append(f"- The KD-only run's {what} ({name}) − initial θ_0: per seed "
+                     + ", ".join(f"{x:+.2f}" for x in d) + f"; mean {statistics.mean(d):+.2f}.")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------ 4. GPU timing
 
 
@@ -843,6 +920,8 @@ def report(results):
         parts.append(time_md(results["time"]))
     if results.get("bank"):
         parts.append(bank_md(results["bank"]))
+    if results.get("kd"):
+        parts.append(kd_md(results["kd"]))
     parts.append(gpu_md(results["gpu"]) if results.get("gpu") else
                  "### GPU\n\nNo GPU run exists yet: `python bench.py gpu` on a CUDA machine writes this section "
                  "(paper preset, 1- and 5-shot: seconds per round and per phase, peak memory, projected full run).\n")
@@ -871,19 +950,19 @@ def bench_report(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("recovery", "seeds", "time", "rounds", "bank", "gpu", "report"))
+    p.add_argument("what", choices=("recovery", "seeds", "time", "rounds", "bank", "kd", "gpu", "report"))
     p.add_argument("--data-root", default="data", help="Omniglot's folder, as free.py's --data-root (the README's "
                    "figures: a folder holding images_background_small1.zip)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
     p.add_argument("--jobs", type=int, default=JOBS, help="free.py runs at a time (seeds)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (seeds)")
     p.add_argument("--rounds", type=int, default=LONG_ROUNDS, help="rounds: continue FREE 1-shot to this many rounds")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=SEEDS, help="seeds, rounds: only these seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=SEEDS, help="seeds, rounds, bank, kd: only these seeds")
     p.add_argument("--only", nargs="+", help="seeds: only these runs, by label (e.g. free average 'free --no-align')")
     args = p.parse_args()
     t0 = time.perf_counter()
     {"recovery": bench_recovery, "seeds": bench_seeds, "time": bench_time, "rounds": bench_rounds, "bank": bench_bank,
-     "gpu": bench_gpu,
+     "kd": bench_kd, "gpu": bench_gpu,
      "report": bench_report}[args.what](args)
     print(f"bench.py {args.what}: {time.perf_counter() - t0:.0f}s; see {OUT}/results.md")
 

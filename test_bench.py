@@ -336,3 +336,28 @@ def test_cross_teacher_agreement_by_hand(monkeypatch):
                                   teachers_per_class=3.0)})
     assert "| teacher B sharing a class with A, on A's recovered images of it | 75.0% |" in md
     assert "| data-based MAML's best.pt, on real meta-train tasks | 90.0% |" in md
+
+
+def test_kd_probe_evaluates_each_body_with_each_head_by_hand():
+    # states tagged by value: body entries carry 1/2/3 (init/kd/free), head entries 10/20/30
+    theta = {key: {"blocks.0.0.weight": torch.full((2, 2), float(i)), "head.weight": torch.full((2, 2), 10.0 * i),
+                   "head.bias": torch.full((2,), 10.0 * i)} for i, key in enumerate(("init", "kd", "free"), 1)}
+    state = bench.combine(theta["kd"], theta["init"])
+    assert torch.equal(state["blocks.0.0.weight"], theta["kd"]["blocks.0.0.weight"])
+    assert torch.equal(state["head.weight"], theta["init"]["head.weight"]) and state["head.bias"].eq(10.0).all()
+    zero = bench.combine(theta["free"], None)
+    assert zero["head.weight"].eq(0).all() and zero["head.bias"].eq(0).all() and zero["blocks.0.0.weight"].eq(3).all()
+    assert theta["free"]["head.weight"].eq(30).all()  # combine copies nothing into its inputs
+
+    def tag(s):  # body tag + head tag, e.g. 21 = KD-only body with the initial head
+        return s["blocks.0.0.weight"][0, 0].item() * 10 + s["head.weight"][0, 0].item() / 10
+    row = bench.swapped_accuracies(theta, tag)
+    assert row == {"initial theta_0 (random init)": 11, "initial body, head zeroed": 10,
+                   "initial body, KD-only run's head": 12, "KD-only run": 22, "KD-only body, head zeroed": 20,
+                   "KD-only body, initial head": 21, "FREE": 33, "FREE's body, head zeroed": 30}
+    md = bench.kd_md({"0": dict(row), "1": {k: v + 1.5 for k, v in row.items()}})
+    assert "| KD-only body, initial head | 21.00 | 22.50 |" in md
+    # body alone: 21 - 11 = +10 on both seeds; head alone: 12 - 11 = +1
+    assert "body alone (KD-only body, initial head) − initial θ_0: per seed +10.00, +10.00; mean +10.00." in md
+    assert "head alone (initial body, KD-only run's head) − initial θ_0: per seed +1.00, +1.00; mean +1.00." in md
+    assert "body and head (KD-only run) − initial θ_0: per seed +11.00, +11.00; mean +11.00." in md
