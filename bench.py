@@ -771,7 +771,7 @@ def combine(body, head):
 
 
 KD_ROWS = [  # `bench.py kd`: (row, body, head): theta_0 at the run's start, after KD alone, after FREE
-    ("initial theta_0 (random init)", "init", "init"),
+    ("initial θ_0 (random init)", "init", "init"),
     ("initial body, head zeroed", "init", None),
     ("initial body, KD-only run's head", "init", "kd"),
     ("KD-only run", "kd", "kd"),
@@ -823,16 +823,16 @@ def kd_md(kd):
     lines = ["### What KD alone does to θ (`python bench.py kd`)", "",
              f"Meta-validation accuracy (the {free.PRESETS['quick']['val_tasks']} tasks every run validates on, "
              f"{free.Config.test_inner_steps} adaptation steps) of each seed's initial θ_0 (the start that seed's "
-             f"runs share), of the `{label(*KD_ONLY)}` run (KD and Eq. (3), no replay) and of FREE, both "
-             f"after {QUICK_ROUNDS} rounds (last.pt), with the convolutional body (convolutions and BatchNorm) "
-             f"and the linear head swapped between them or the head zeroed.", "",
+             f"runs share: the `random` baseline), of the `{label(*KD_ONLY)}` run (KD and Eq. (3), no replay) and "
+             f"of FREE, both after {QUICK_ROUNDS} rounds (last.pt). A row pairs the convolutional body "
+             f"(convolutions and BatchNorm) of one with the linear head of another, or with a zeroed head.", "",
              "| body, head | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for name, _, _ in KD_ROWS:
         lines.append(f"| {name} | " + " | ".join(f"{kd[s][name]:.2f}" for s in seeds) + " |")
     lines.append("")
     for what, name in (("body alone", "KD-only body, initial head"), ("head alone", "initial body, KD-only run's head"),
                        ("body and head", "KD-only run")):
-        d = [kd[s][name] - kd[s]["initial theta_0 (random init)"] for s in seeds]
+        d = [kd[s][name] - kd[s]["initial θ_0 (random init)"] for s in seeds]
         lines.append(f"- The KD-only run's {what} ({name}) − initial θ_0: per seed "
                      + ", ".join(f"{x:+.2f}" for x in d) + f"; mean {statistics.mean(d):+.2f}.")
     return "\n".join(lines) + "\n"

@@ -352,7 +352,7 @@ def test_kd_probe_evaluates_each_body_with_each_head_by_hand():
     def tag(s):  # body tag + head tag, e.g. 21 = KD-only body with the initial head
         return s["blocks.0.0.weight"][0, 0].item() * 10 + s["head.weight"][0, 0].item() / 10
     row = bench.swapped_accuracies(theta, tag)
-    assert row == {"initial theta_0 (random init)": 11, "initial body, head zeroed": 10,
+    assert row == {"initial θ_0 (random init)": 11, "initial body, head zeroed": 10,
                    "initial body, KD-only run's head": 12, "KD-only run": 22, "KD-only body, head zeroed": 20,
                    "KD-only body, initial head": 21, "FREE": 33, "FREE's body, head zeroed": 30}
     md = bench.kd_md({"0": dict(row), "1": {k: v + 1.5 for k, v in row.items()}})
