@@ -1,6 +1,7 @@
 """bench.py's bookkeeping on hand-made run results (no training): the GPU projection, the run-to-run
 summary, the threads column, and `report` collecting finished runs into results.json, results.md
-and the README; the memory-bank diagnostic on hand-made teachers."""
+and the README; the memory-bank diagnostic on hand-made teachers; the KD probe's pairing of
+bodies and heads."""
 import argparse
 import json
 import os
