@@ -669,7 +669,7 @@ def time_md(timed):
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------ 3. why replay is a weak signal, and what KD alone does
+# ------------------------------------------------------------------------ 3. why replay is weak; KD alone
 
 
 def cross_teacher_agreement(teachers, G, student, cfg, ds):
@@ -791,7 +791,7 @@ def bench_kd(args):
     """What KD and Eq. (3) alone do to theta (the `free --max-replay 0` runs end below their own start on
     meta-validation): each seed's initial theta_0 (the start every run of that seed shares: free.main reseeds,
     then builds the meta-learner first), and the KD-only run's and FREE's theta after QUICK_ROUNDS rounds
-    (last.pt), with the convolutional body and the linear head swapped between them, on the meta-val tasks."""
+    (last.pt), bodies and heads paired as KD_ROWS lists, on the meta-validation tasks."""
     results, cpu = load_results(), torch.device("cpu")
     ds = load_dataset("omniglot", args.data_root)
     for seed in args.seeds:
@@ -832,7 +832,7 @@ def kd_md(kd):
     lines.append("")
     for what, name in (("body alone", "KD-only body, initial head"), ("head alone", "initial body, KD-only run's head"),
                        ("body and head", "KD-only run")):
-        d = [kd[s][name] - kd[s]["initial θ_0 (random init)"] for s in seeds]
+        d = [kd[s][name] - kd[s][KD_ROWS[0][0]] for s in seeds]  # minus theta_0 as it starts
         lines.append(f"- The KD-only run's {what} ({name}) − initial θ_0: per seed "
                      + ", ".join(f"{x:+.2f}" for x in d) + f"; mean {statistics.mean(d):+.2f}.")
     return "\n".join(lines) + "\n"
