@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -672,6 +673,16 @@ def time_md(timed):
 # ------------------------------------------------------------------------ 3. why replay is weak; KD alone
 
 
+def finished_run_state(what, method, flags, seed):
+    """last.pt of a finished 1-shot run of `bench.py seeds` (what `bench.py bank` and `bench.py kd` examine); an
+    unfinished run is a UserError that names the command making it."""
+    run = os.path.join(OUT, "runs", run_name(method, flags + seed_flags(seed), 1))
+    if finished_rounds(run) < QUICK_ROUNDS:
+        raise UserError(f"{what}: {run} is not a finished {QUICK_ROUNDS}-round run; run `bench.py seeds --shots 1 "
+                        f"--only {shlex.quote(label(method, flags))}` first")
+    return zoo.load_checkpoint(os.path.join(run, "last.pt"), UserError, f"{what}:", "rerun `bench.py seeds`")
+
+
 def cross_teacher_agreement(teachers, G, student, cfg, ds):
     """Each teacher A's task recovered as a training round recovers it (k steps from the run's meta-generator,
     L_adv against the run's meta-learner); every other teacher B that shares a class c with A labels A's
@@ -710,12 +721,8 @@ def bench_bank(args):
     for seed in args.seeds:
         flags = seed_flags(seed)
         cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root, *flags])
-        run = os.path.join(OUT, "runs", run_name("free", flags, 1))
-        if finished_rounds(run) < QUICK_ROUNDS:
-            raise UserError(f"bank: {run} is not a finished {QUICK_ROUNDS}-round run; run `bench.py seeds --shots 1 "
-                            f"--only free` first")
+        state = finished_run_state("bank", "free", [], seed)
         teachers = free.load_teachers(cfg, ds, cpu, lambda line: None)
-        state = zoo.load_checkpoint(os.path.join(run, "last.pt"), UserError, "bank:", "rerun `bench.py seeds`")
         meta_gen = recover.MetaGenerator(Generator(ds.image_size, ds.channels, nf=cfg.nf), cfg.gen_lr)
         meta_gen.load_state_dict(state["meta_gen"])
         model = free.new_meta_learner(ds, cfg, cpu)
@@ -800,12 +807,7 @@ def bench_kd(args):
         free.set_seed(cfg.seed)
         theta = {"init": free.new_meta_learner(ds, cfg, cpu).state_dict()}
         for key, (method, run_flags) in {"kd": KD_ONLY, "free": ("free", [])}.items():
-            run = os.path.join(OUT, "runs", run_name(method, run_flags + flags, 1))
-            if finished_rounds(run) < QUICK_ROUNDS:
-                raise UserError(f"kd: {run} is not a finished {QUICK_ROUNDS}-round run; run `bench.py seeds --shots 1 "
-                                f"--only '{label(method, run_flags)}'` first")
-            theta[key] = zoo.load_checkpoint(os.path.join(run, "last.pt"), UserError, "kd:",
-                                             "rerun `bench.py seeds`")["model"]
+            theta[key] = finished_run_state("kd", method, run_flags, seed)["model"]
         model = free.new_meta_learner(ds, cfg, cpu)
 
         def val_accuracy(state):
