@@ -4,8 +4,8 @@ loss, knowledge distillation, Eq. (3)'s implicit gradient alignment, and the met
 Paper: Wei et al., CVPR 2024, §3.3 and Eq. (3); MAML: Finn et al., ICML 2017.
 
 Fast weights are plain dicts `{name: tensor}` evaluated with `torch.func.functional_call`; the
-inner loop is a pure function (`inner_adapt`) that `torch.func.vmap` maps over the tasks of a
-meta-batch or of a meta-test chunk. `first_order` is the single switch between MAML and FOMAML.
+inner loop is a pure function (`inner_adapt`) that `map_tasks` maps (torch.func.vmap, or a loop) over
+the tasks of a meta-batch or of a meta-test chunk. `first_order` is the single switch between MAML and FOMAML.
 
 Differences from the authors' code:
 - KD uses a true KL on log-probabilities (`log_target=True`); theirs feeds probabilities to F.kl_div.
@@ -68,36 +68,43 @@ def maml_task_loss(model, params, x_s, y_s, x_q, y_q, steps=TRAIN_INNER_STEPS, l
     return F.cross_entropy(logits, y_q), accuracy(logits, y_q)
 
 
+def map_tasks(task_fn, *batched, vectorize):
+    """Maps a per-task function over the leading (task) dimension of `batched` and stacks its outputs
+    (a tensor or a tuple of tensors): with torch.func.vmap, or with `vectorize=False` a plain loop (the
+    naive reference)."""
+    if vectorize:
+        with elementary_batch_norm():  # F.batch_norm's second-order gradient under vmap is wrong (models.py)
+            return vmap(task_fn)(*batched)
+    out = [task_fn(*task) for task in zip(*batched)]
+    if isinstance(out[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*out))
+    return torch.stack(out)
+
+
 def maml_meta_batch_loss(model, params, x_s, y_s, x_q, y_q, steps=TRAIN_INNER_STEPS, lr=INNER_LR,
                          first_order=False, vectorize=True):
     """MAML outer objective over a meta-batch of T tasks: (1/T) sum_t L(T_t; theta'_t).
 
-    x_s [T, N*K, C, H, W], y_s [T, N*K], x_q [T, N*Q, C, H, W], y_q [T, N*Q]. With `vectorize`
-    the per-task function is mapped with vmap; otherwise a plain loop (the naive reference)."""
+    x_s [T, N*K, C, H, W], y_s [T, N*K], x_q [T, N*Q, C, H, W], y_q [T, N*Q]; the tasks are mapped
+    by map_tasks (vmap, or a loop without `vectorize`)."""
 
     def task(xs, ys, xq, yq):
         return maml_task_loss(model, params, xs, ys, xq, yq, steps, lr, first_order)
 
-    if vectorize:
-        with elementary_batch_norm():  # F.batch_norm's second-order gradient under vmap is wrong (models.py)
-            losses, accs = vmap(task)(x_s, y_s, x_q, y_q)
-    else:
-        out = [task(*t) for t in zip(x_s, y_s, x_q, y_q)]
-        losses = torch.stack([o[0] for o in out])
-        accs = torch.stack([o[1] for o in out])
+    losses, accs = map_tasks(task, x_s, y_s, x_q, y_q, vectorize=vectorize)  # [T], [T]
     return losses.mean(), accs.mean()
 
 
-def kd_loss(student_logits, teacher_logits, tau=TAU):
-    """Knowledge distillation of BELL (paper §3.3):
+def kd_loss(logits, teacher_logits, tau=TAU):
+    """Knowledge distillation of BELL (paper §3.3), `logits` = f_theta(x):
 
         L_KD(T_i; theta) = tau^2 * KL( softmax(M_i(x)/tau) || softmax(f_theta(x)/tau) )
 
     averaged over the batch; a true KL between log-probabilities."""
-    log_p_student = F.log_softmax(student_logits / tau, dim=-1)
+    log_p_f = F.log_softmax(logits / tau, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits / tau, dim=-1)
     # authors' code feeds probabilities to F.kl_div; we give it log-probabilities on both sides
-    return tau ** 2 * F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return tau ** 2 * F.kl_div(log_p_f, log_p_teacher, reduction="batchmean", log_target=True)
 
 
 def distill_loss(model, params, task, tau=TAU, hard_labels=False):
@@ -117,60 +124,97 @@ def reptile_scale(alpha, n_tasks, optimizer="sgd"):
         sgd:  (theta - theta_tilde) / (alpha * B)  = the mean of the B task gradients along the path;
         adam: (theta - theta_tilde) / B            = the mean step, Reptile's outer gradient (Nichol et al. 2018).
 
-    Adam moves every coordinate by about alpha per step whatever the gradient's size, so dividing
-    by alpha as for SGD would hand the outer Adam a unit-size direction per coordinate that swamps
-    the replay gradients in its second-moment estimate (measured on Omniglot: replay accuracy fell to
-    chance, meta-validation 44.3 against 57.7 at round 20, seed 0). The authors' code multiplies by a
-    bare 67 instead."""
+    Adam moves every coordinate by about alpha per step whatever the gradient's size, so dividing by
+    alpha as for SGD would hand the outer Adam a unit-size direction per coordinate that swamps the
+    replay gradients in its second-moment estimate (measured: experiments/RESULTS.md, 'Components').
+    The authors' code multiplies by a bare 67 instead."""
     return 1.0 / (alpha * n_tasks) if optimizer == "sgd" else 1.0 / n_tasks
 
 
-THETA_TILDE_OPTIMIZERS = ("adam", "sgd")  # who steps theta_tilde in Eq. (3): supplement/authors' Adam, or Lemma 1's SGD
+ADAM_BETAS = (0.9, 0.999)  # beta_1, beta_2 of the Adam on theta_tilde (torch.optim.Adam's defaults)
+ADAM_EPS = 1e-8  # eps of the Adam on theta_tilde (torch.optim.Adam's default)
+
+
+def task_loss_and_grad(model, theta_tilde, task, tau=TAU, hard_labels=False):
+    """L(T_j; theta_tilde) (distill_loss) and its gradient grad L(T_j; theta_tilde) as a dict, both detached."""
+    p = {k: v.detach().requires_grad_() for k, v in theta_tilde.items()}
+    loss = distill_loss(model, p, task, tau, hard_labels)
+    return loss.detach(), dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
+
+
+def theta_tilde_sgd(model, theta, tasks, alpha=ALPHA, tau=TAU, hard_labels=False):
+    """Eq. (3) with SGD steps on theta_tilde (Lemma 1's setting), through T_1..T_B in sequence:
+
+        theta_tilde_0 = theta,  theta_tilde_j = theta_tilde_{j-1} - alpha * grad L(T_j; theta_tilde_{j-1})
+        theta - theta_tilde_B = sum_j alpha * grad L(T_j; theta_tilde_{j-1})
+
+    Returns (theta - theta_tilde_B as a dict, the B losses L(T_j; theta_tilde_{j-1}))."""
+    theta_tilde, delta, losses = dict(theta), {k: torch.zeros_like(v) for k, v in theta.items()}, []
+    for task in tasks:
+        loss, g = task_loss_and_grad(model, theta_tilde, task, tau, hard_labels)  # L(T_j; theta_tilde_{j-1}), g_j
+        for k in theta:
+            step = alpha * g[k]  # alpha * g_j
+            theta_tilde[k] = theta_tilde[k] - step  # theta_tilde_j = theta_tilde_{j-1} - alpha * g_j
+            delta[k] = delta[k] + step  # theta - theta_tilde_j, summed as taken: no float32 cancellation
+        losses.append(loss)
+    return delta, torch.stack(losses)
+
+
+def theta_tilde_adam(model, theta, tasks, alpha=ALPHA, tau=TAU, hard_labels=False, betas=ADAM_BETAS, eps=ADAM_EPS):
+    """Eq. (3) with a fresh Adam on theta_tilde, through T_1..T_B in sequence (the supplement: "the cloned
+    meta-learner parameters are optimized ... with an inner loop learning rate set at 0.001"; the authors' code):
+
+        g_j = grad L(T_j; theta_tilde_{j-1})
+        m_j = beta_1 m_{j-1} + (1 - beta_1) g_j,    m_hat_j = m_j / (1 - beta_1^j)
+        v_j = beta_2 v_{j-1} + (1 - beta_2) g_j^2,  v_hat_j = v_j / (1 - beta_2^j)
+        theta_tilde_j = theta_tilde_{j-1} - alpha * m_hat_j / (sqrt(v_hat_j) + eps)
+
+    from theta_tilde_0 = theta, m_0 = v_0 = 0. Returns (theta - theta_tilde_B as a dict, the B losses)."""
+    (b1, b2), zeros = betas, {k: torch.zeros_like(v) for k, v in theta.items()}
+    theta_tilde, delta, m, v, losses = dict(theta), dict(zeros), dict(zeros), dict(zeros), []
+    for j, task in enumerate(tasks, start=1):
+        loss, g = task_loss_and_grad(model, theta_tilde, task, tau, hard_labels)  # L(T_j; theta_tilde_{j-1}), g_j
+        for k in theta:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]  # m_j = beta_1 m_{j-1} + (1 - beta_1) g_j
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2  # v_j = beta_2 v_{j-1} + (1 - beta_2) g_j^2
+            m_hat, v_hat = m[k] / (1 - b1 ** j), v[k] / (1 - b2 ** j)  # m_j / (1 - beta_1^j), v_j / (1 - beta_2^j)
+            step = alpha * m_hat / (v_hat.sqrt() + eps)  # alpha * m_hat_j / (sqrt(v_hat_j) + eps)
+            theta_tilde[k] = theta_tilde[k] - step  # theta_tilde_j = theta_tilde_{j-1} - step
+            delta[k] = delta[k] + step  # theta - theta_tilde_j, summed as taken
+        losses.append(loss)
+    return delta, torch.stack(losses)
+
+
+THETA_TILDE_STEPS = {"adam": theta_tilde_adam, "sgd": theta_tilde_sgd}  # who steps theta_tilde in Eq. (3)
+THETA_TILDE_OPTIMIZERS = tuple(THETA_TILDE_STEPS)  # supplement/authors' Adam, or Lemma 1's SGD
+
+
+def theta_tilde_no_align(steps, model, theta, tasks, **kwargs):
+    """The `--no-align` ablation of Eq. (3): every task's step starts from theta with a fresh optimizer
+    (independent KD steps), theta - theta_tilde = sum_j (theta - theta_tilde after T_j alone)."""
+    single = [steps(model, theta, [task], **kwargs) for task in tasks]  # (theta - theta_tilde, [1]) per task
+    return {k: sum(delta[k] for delta, _ in single) for k in theta}, torch.cat([losses for _, losses in single])
 
 
 def align_meta_gradient(model, params, tasks, alpha=ALPHA, tau=TAU, hard_labels=False, align=True, optimizer="adam"):
-    """Implicit gradient alignment, Eq. (3):
+    """Implicit gradient alignment, Eq. (3): theta_tilde <- theta steps through the B tasks in sequence
+    (theta_tilde_adam or theta_tilde_sgd, by `optimizer`), and the meta-gradient is
 
-        theta_tilde <- theta;  for j = 1..B:  theta_tilde <- theta_tilde - alpha * step(grad L_KD(T_j; theta_tilde))
-        meta-gradient g = reptile_scale * (theta - theta_tilde)
+        g = reptile_scale * (theta - theta_tilde)
 
-    `optimizer` takes the steps: "adam" (the supplement: "the cloned meta-learner parameters are
-    optimized ... with an inner loop learning rate set at 0.001"; the authors' code uses a fresh
-    Adam each round) or "sgd" (step = the gradient itself: Lemma 1's setting). With SGD the
-    sequential steps make g contain -alpha * grad(grad L_i . grad L_j) terms (Lemma 1 / Theorem 1),
-    i.e. the update also raises the alignment of different tasks' gradients.
-    With SGD the steps alpha * grad are summed as they are taken: equal to theta - theta_tilde in exact
-    arithmetic, but free of the float32 cancellation of subtracting two parameters that differ by ~alpha * grad.
-    `align=False` is the `--no-align` ablation: every task's step starts from theta with a fresh
-    optimizer (independent KD steps), so for SGD g is the plain averaged KD gradient.
+    With SGD, g holds -alpha * grad(grad L_i . grad L_j) terms that raise the alignment of the tasks'
+    gradients (Lemma 1, Theorem 1; their tests). `align=False` is `--no-align` (theta_tilde_no_align).
     Each task is (x, y, teacher_logits). Returns (g as a dict, mean task loss)."""
-    if optimizer not in THETA_TILDE_OPTIMIZERS:
+    if optimizer not in THETA_TILDE_STEPS:
         raise ValueError(f"theta_tilde optimizer must be one of {THETA_TILDE_OPTIMIZERS}, got {optimizer!r}")
-    theta = {k: v.detach() for k, v in params.items()}
-
-    def fresh_clone():
-        clone = {k: v.clone().requires_grad_() for k, v in theta.items()}  # theta_tilde = theta
-        opt = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
-        return clone, opt(clone.values(), lr=alpha)
-
-    theta_tilde, opt = fresh_clone()
-    losses, total = [], {k: torch.zeros_like(v) for k, v in theta.items()}  # theta - theta_tilde, summed over paths
-    for task in tasks:
-        if not align:
-            theta_tilde, opt = fresh_clone()  # independent: every step starts from theta
-        loss = distill_loss(model, theta_tilde, task, tau, hard_labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward(inputs=list(theta_tilde.values()))
-        if optimizer == "sgd":  # the step SGD is about to take, alpha * grad, summed exactly (docstring)
-            total = {k: total[k] + alpha * theta_tilde[k].grad for k in theta}
-        opt.step()
-        losses.append(loss.detach())
-        if optimizer == "adam" and not align:
-            total = {k: total[k] + theta[k] - theta_tilde[k].detach() for k in theta}
-    if optimizer == "adam" and align:
-        total = {k: theta[k] - theta_tilde[k].detach() for k in theta}
+    steps, theta = THETA_TILDE_STEPS[optimizer], {k: v.detach() for k, v in params.items()}
+    kwargs = dict(alpha=alpha, tau=tau, hard_labels=hard_labels)
+    if align:
+        delta, losses = steps(model, theta, tasks, **kwargs)  # theta - theta_tilde
+    else:
+        delta, losses = theta_tilde_no_align(steps, model, theta, tasks, **kwargs)
     scale = reptile_scale(alpha, len(tasks), optimizer)
-    return {k: scale * v for k, v in total.items()}, torch.stack(losses).mean()
+    return {k: scale * d for k, d in delta.items()}, losses.mean()  # g = reptile_scale * (theta - theta_tilde)
 
 
 def apply_meta_gradient(model, optimizer, meta_grad):
@@ -190,17 +234,14 @@ def adapt_and_score(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, l
 def meta_test(model, params, x_s, y_s, x_q, y_q, steps=TEST_INNER_STEPS, lr=INNER_LR,
               vectorize=True):
     """Meta-test protocol (paper §4): query accuracy of each task in a chunk [T, ...] after test-time
-    adaptation; returns [T]."""
+    adaptation (tasks mapped by map_tasks); returns [T]."""
     params = {k: v.detach() for k, v in params.items()}
 
     def task(xs, ys, xq, yq):
         return adapt_and_score(model, params, xs, ys, xq, yq, steps, lr)
 
     with torch.no_grad():  # torch.func.grad still differentiates inside; no outer graph is kept
-        if vectorize:
-            with elementary_batch_norm():
-                return vmap(task)(x_s, y_s, x_q, y_q)
-        return torch.stack([task(*t) for t in zip(x_s, y_s, x_q, y_q)])
+        return map_tasks(task, x_s, y_s, x_q, y_q, vectorize=vectorize)
 
 
 def mean_ci95(accs):

@@ -1,5 +1,5 @@
-"""FIVE (Faster Inversion via meta-generator): recover each teacher's task in k steps from a
-meta-learned generator, meta-update the generator (first-order), and keep every recovered task in a
+"""FIVE (Faster Inversion via meta-generator): recover each teacher's task in k evaluations of Eq. (1)
+from a meta-learned generator, meta-update the generator (first-order), and keep every recovered task in a
 memory bank for cross-task replay.
 
 Paper: Wei et al., CVPR 2024, §3.2, Eq. (1), supplement Table 1 and implementation details.
@@ -27,14 +27,16 @@ from torch.func import functional_call
 
 from models import NF, Generator
 
-K = 5  # k, evaluations of Eq. (1) per teacher: k - 1 Adam steps, the k-th gives task and meta-gradient (paper §3.2: 5)
+# k (paper §3.2): k = 5 is the number of evaluations of Eq. (1) per teacher, with k - 1 Adam steps on
+# (theta_G', Z) between them; the k-th evaluation gives the task and the meta-gradient.
+K = 5
 GEN_LR = 1e-3  # lr of the inner Adam on (theta_G', Z) and of the meta-generator's Adam (supplement: 1e-3)
 GEN_BETAS = (0.5, 0.999)  # Adam betas of the generator optimisers (authors' code default)
 IMAGES_PER_CLASS = 20  # rows of Z per class: 100 for a 5-way teacher (authors' code default)
 LAMBDA_ADV = 1.0  # lambda_adv of Eq. (1) (authors' code default)
 AUG_PAD = 4  # A(.): random-crop padding (authors' code: RandomCrop padding 4)
 BANK_CAP = 400  # memory-bank FIFO cap per class: 20 batches of 20 images (authors' code default)
-SCRATCH_STEPS = 200  # from-scratch inversion steps of BiDf-MKD, the speed-up baseline (paper §4)
+SCRATCH_STEPS = 200  # evaluations of Eq. (1) from a fresh generator (BiDf-MKD), the speed-up baseline (paper §4)
 
 
 def augment(x, pad=AUG_PAD, flip=True, generator=None):
@@ -57,31 +59,35 @@ def augment(x, pad=AUG_PAD, flip=True, generator=None):
     return out
 
 
-def adversarial_loss(teacher_logits, student_logits):
-    """L_adv of Eq. (1): push recovered samples toward those the current meta-learner still gets
-    right, to make harder tasks:
+def adversarial_loss(teacher_logits, learner_logits):
+    """L_adv of Eq. (1), with M_i the teacher and f_theta the meta-learner (`learner_logits` = f_theta(x)):
 
         L_adv = - mean_n[ 1(argmax f_theta(x_n) = argmax M_i(x_n)) * KL(p_M(x_n) || p_f(x_n)) ]
-    """
-    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()  # the indicator 1(.)
-    kl = F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
-                  reduction="none", log_target=True).sum(1)  # KL(p_M || p_f) per sample
-    return -(agree * kl).mean()
+
+    Minimising L_G therefore maximises KL(p_M || p_f) on the samples where the meta-learner's label agrees
+    with the teacher's: it pushes the recovered samples toward ones that the meta-learner still labels as the
+    teacher does but whose predictive distribution differs most from the teacher's, i.e. harder for the
+    meta-learner."""
+    agree = (learner_logits.argmax(1) == teacher_logits.argmax(1)).float()  # 1(argmax f_theta(x_n) = argmax M_i(x_n))
+    kl = F.kl_div(F.log_softmax(learner_logits, 1), F.log_softmax(teacher_logits, 1),
+                  reduction="none", log_target=True).sum(1)  # KL(p_M(x_n) || p_f(x_n)) per sample
+    return -(agree * kl).mean()  # - mean_n[ 1(.) * KL ]
 
 
-def inversion_loss(teacher, x, y, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True):
+def inversion_loss(teacher, x, y, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True, generator=None):
     """Eq. (1):  L_G = CE(M_i(A(G(Z; theta_G'))), Y) + lambda_adv * L_adv
 
-    x = G(Z; theta_G') in [0, 1]; the teacher normalises its own input. `student` is None during
-    warm-up, which drops L_adv. `student` is (meta-learner module, detached params)."""
-    xa = augment(x, pad, flip)
-    teacher_logits = teacher(xa)
-    loss = F.cross_entropy(teacher_logits, y)
+    x = G(Z; theta_G') in [0, 1]; the teacher normalises its own input. The keyword `student` (the name
+    its callers use) is the meta-learner f_theta of L_adv as (module, detached params), or None in
+    warm-up, which drops L_adv. A(.)'s draws come from `generator` if given (augment)."""
+    xa = augment(x, pad, flip, generator)  # A(G(Z; theta_G'))
+    teacher_logits = teacher(xa)  # M_i(A(x))
+    loss = F.cross_entropy(teacher_logits, y)  # CE(M_i(A(x)), Y)
     if student is not None and lambda_adv > 0:
         model, params = student
         with torch.no_grad():  # as the authors' code: f_theta(x) is a fixed target, no gradient to x through it
-            student_logits = functional_call(model, params, (xa,))
-        loss = loss + lambda_adv * adversarial_loss(teacher_logits, student_logits)
+            learner_logits = functional_call(model, params, (xa,))  # f_theta(A(x))
+        loss = loss + lambda_adv * adversarial_loss(teacher_logits, learner_logits)  # + lambda_adv * L_adv
     return loss
 
 
@@ -104,17 +110,21 @@ def labels_Y(way, n_per_class, device):
 
 def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, lr=GEN_LR,
                  betas=GEN_BETAS, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True,
-                 meta_grad=True, after_step=None):
-    """Recover teacher M_i's task: theta_G' <- theta_G, a fresh Z ~ N(0, I), then k = `steps`
-    evaluations of Eq. (1), each but the last followed by an Adam step on (theta_G', Z) jointly.
-    The k-th evaluation's images x = G(Z; theta_G') are the recovered task (returned with their
-    labels Y and the teacher's soft labels) and its gradient w.r.t. theta_G' is the first-order
-    meta-gradient (FOMAML). `after_step(step, x)`, if given, sees each step's images (bench.py
-    traces quality with it; its own time is not counted in `seconds`)."""
+                 meta_grad=True, after_step=None, generator=None):
+    """Recover teacher M_i's task: theta_G' <- theta_G, a fresh Z ~ N(0, I), then k = `steps` evaluations
+    of Eq. (1). k = 5 is the number of evaluations of Eq. (1) per teacher, with k - 1 Adam steps on
+    (theta_G', Z) between them; the k-th evaluation gives the task and the meta-gradient: its images
+    x = G(Z; theta_G') (returned with their labels Y and the teacher's soft labels) and its gradient
+    w.r.t. theta_G', the first-order meta-gradient (FOMAML). `student`: the meta-learner of L_adv
+    (inversion_loss). `generator`, a CPU torch.Generator, if given draws Z (on the CPU, then moved to the
+    device) and every augmentation of Eq. (1), so the result depends on its seed and not on the process's
+    RNG; without one both come from the device's RNG. `after_step(step, x)`, if given, sees each
+    evaluation's images (bench.py traces quality with it; its own time is not counted in `seconds`)."""
     t0 = time.perf_counter()
     device = next(theta_G.parameters()).device
     G = copy.deepcopy(theta_G)  # theta_G' = theta_G
-    Z = torch.randn(way * n_per_class, G.d_z, device=device, requires_grad=True)
+    where = "cpu" if generator is not None else device
+    Z = torch.randn(way * n_per_class, G.d_z, generator=generator, device=where).to(device).requires_grad_()
     Y = labels_Y(way, n_per_class, device)
     params = list(G.parameters())
     opt = torch.optim.Adam(params + [Z], lr=lr, betas=betas)
@@ -122,7 +132,7 @@ def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, l
     x = None
     for step in range(1, steps + 1):
         x = G(Z)  # [way * n, C, H, W]
-        loss = inversion_loss(teacher, x, Y, student, lambda_adv, pad, flip)
+        loss = inversion_loss(teacher, x, Y, student, lambda_adv, pad, flip, generator)
         if step < steps:
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=params + [Z])
@@ -145,10 +155,15 @@ def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, l
 
 
 def recover_from_scratch(teacher, way, steps=SCRATCH_STEPS, image_size=32, nc=3, nf=NF, **kwargs):
-    """Baseline inversion (BiDf-MKD style): a freshly initialised generator and `steps` steps of
-    Eq. (1). The speed-up claim compares this with `recover_task` from the meta-generator."""
+    """Baseline inversion (BiDf-MKD style): a freshly initialised generator and `steps` evaluations of
+    Eq. (1). The speed-up claim compares this with `recover_task` from the meta-generator. kwargs go to
+    recover_task; a `generator` there also draws the fresh generator's initialisation."""
     device = next(teacher.parameters()).device
-    G = Generator(image_size=image_size, nc=nc, nf=nf).to(device)
+    generator = kwargs.get("generator")
+    with torch.random.fork_rng(devices=[], enabled=generator is not None):  # the global CPU RNG is left as it was
+        if generator is not None:
+            torch.default_generator.manual_seed(int(torch.randint(2 ** 62, (), generator=generator)))
+        G = Generator(image_size=image_size, nc=nc, nf=nf).to(device)
     return recover_task(G, teacher, way, steps=steps, meta_grad=False, **kwargs)
 
 

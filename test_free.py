@@ -196,7 +196,10 @@ def test_lemma1_error_is_second_order_in_alpha():
     """Lemma 1, through Eq. (3) as implemented (SGD steps on theta_tilde, tasks T_j then T_i):
     g = (theta - theta_tilde) / (2 alpha) = (grad L_j(theta) + grad L_i(theta - alpha grad L_j)) / 2, and
     grad L_i(theta - alpha grad L_j) = grad L_i - alpha H_i grad L_j + O(alpha^2).
-    So r(alpha) = |2 g - g_j - (g_i - alpha H_i g_j)| is O(alpha^2): it must shrink about 4x when alpha halves."""
+    So r(alpha) = |2 g - g_j - (g_i - alpha H_i g_j)| is O(alpha^2): it must shrink about 4x when alpha halves.
+    The -alpha H_i g_j term is what the sequential steps add to the plain mean gradient: over both orders it
+    sums to -(alpha/2) grad(g_i . g_j), so the meta-update also raises the alignment of the two tasks'
+    gradients (Theorem 1, next test)."""
     net = TinyNet()
     theta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
     T_j, T_i = two_kd_tasks()
@@ -304,31 +307,91 @@ def test_eq3_with_adam_follows_two_hand_written_adam_steps():
         torch.testing.assert_close(independent[k], a * sign_steps / 2)
 
 
+def torch_optimizer_steps(model, theta, tasks, alpha, optimizer):
+    """Naive reference of Eq. (3)'s inner walk: a clone of theta stepped through `tasks` by torch.optim.Adam or
+    torch.optim.SGD (lr = alpha) with loss.backward(); returns (theta - theta_tilde, the task losses)."""
+    clone = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(clone.values(), lr=alpha)
+    losses = []
+    for task in tasks:
+        opt.zero_grad()
+        loss = maml.distill_loss(model, clone, task)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return {k: theta[k] - clone[k].detach() for k in theta}, torch.stack(losses)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_eq3_follows_torch_optimizers_and_no_align_is_the_mean_of_single_task_steps(optimizer):
+    """Eq. (3) on a Conv4 meta-learner, B = 3 tasks, float64, against torch.optim stepped by hand:
+    aligned, g = reptile_scale(alpha, B) * (theta - theta_tilde_B) with one optimizer walking T_1, T_2, T_3;
+    `--no-align`, g = (1/B) sum_j g({T_j}), the mean of the single-task meta-gradients (a fresh optimizer
+    from theta per task). The returned loss is the mean of the losses met on the way."""
+    model, alpha, B = Conv4(5, 1, 16, track_running_stats=False).double(), 0.05, 3
+    theta = maml.detached_params(model)
+    g = torch.Generator().manual_seed(0)
+    tasks = [(torch.rand(10, 1, 16, 16, generator=g, dtype=torch.float64), torch.arange(5).repeat(2),
+              torch.randn(10, 5, generator=g, dtype=torch.float64)) for _ in range(B)]
+    scale = maml.reptile_scale(alpha, B, optimizer)
+    moved, losses = torch_optimizer_steps(model, theta, tasks, alpha, optimizer)
+    single = [torch_optimizer_steps(model, theta, [t], alpha, optimizer) for t in tasks]
+    aligned, aligned_loss = maml.align_meta_gradient(model, theta, tasks, alpha=alpha, optimizer=optimizer)
+    independent, independent_loss = maml.align_meta_gradient(model, theta, tasks, alpha=alpha, align=False,
+                                                             optimizer=optimizer)
+    # atol: conv biases before batch-statistics BN have a zero gradient up to round-off (~1e-16), which Adam
+    # divides by |g| + eps = 1e-8; every other coordinate agrees to ~1e-16
+    tol = dict(rtol=1e-10, atol=1e-10)
+    for k in theta:
+        torch.testing.assert_close(aligned[k], scale * moved[k], **tol)
+        torch.testing.assert_close(independent[k], sum(scale * d[k] for d, _ in single), **tol)
+    torch.testing.assert_close(aligned_loss, losses.mean())
+    torch.testing.assert_close(independent_loss, torch.cat([l for _, l in single]).mean())
+    assert max((aligned[k] - independent[k]).abs().max() for k in theta) > 1e-3 * max(
+        aligned[k].abs().max() for k in theta)  # the sequence matters: aligned is not the independent mean
+
+
 def test_vmapped_meta_batch_matches_per_task_loop():
+    """One Conv4 meta-learner (one set of parameters) and one meta-batch of T = 3 learnable 5-way tasks: the
+    vmap and loop paths of map_tasks must give the same MAML outer loss, accuracy and outer gradient (second
+    and first order), equal to the mean of maml_task_loss called task by task, and the same meta-test
+    accuracies, equal to adapt_and_score task by task. float32; the gradient tolerance is 1e-4 of the
+    gradient's largest entry (measured differences: ~3e-6 of it, at 1 and at 2 threads)."""
     model = Conv4(5, 1, 16, track_running_stats=False)
     params = dict(model.named_parameters())
-    T = 3
-    x_s, x_q = torch.rand(T, 5, 1, 16, 16), torch.rand(T, 10, 1, 16, 16)
-    y_s, y_q = torch.arange(5).expand(T, -1), torch.arange(5).repeat_interleave(2).expand(T, -1)
+    T, g = 3, torch.Generator().manual_seed(0)
+    prototypes = torch.rand(T, 5, 1, 16, 16, generator=g)  # one pattern per class and task
+    x_s = (prototypes.repeat_interleave(2, 1) + 0.3 * torch.randn(T, 10, 1, 16, 16, generator=g)).clamp(0, 1)
+    x_q = (prototypes.repeat_interleave(3, 1) + 0.3 * torch.randn(T, 15, 1, 16, 16, generator=g)).clamp(0, 1)
+    y_s, y_q = torch.arange(5).repeat_interleave(2).expand(T, -1), torch.arange(5).repeat_interleave(3).expand(T, -1)
+    tasks = list(zip(x_s, y_s, x_q, y_q))
     for first_order in (False, True):
         out = {}
         for vec in (True, False):
             loss, acc = maml.maml_meta_batch_loss(model, params, x_s, y_s, x_q, y_q, steps=2,
                                                   first_order=first_order, vectorize=vec)
             out[vec] = (loss, acc, torch.autograd.grad(loss, list(params.values())))
-        torch.testing.assert_close(out[True][0], out[False][0])
-        torch.testing.assert_close(out[True][1], out[False][1])
-        for a, b in zip(out[True][2], out[False][2]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    acc_v = maml.meta_test(model, params, x_s, y_s, x_q, y_q, steps=3, vectorize=True)
-    acc_l = maml.meta_test(model, params, x_s, y_s, x_q, y_q, steps=3, vectorize=False)
-    torch.testing.assert_close(acc_v, acc_l)
+        per_task = [maml.maml_task_loss(model, params, *t, steps=2, first_order=first_order) for t in tasks]
+        ref_loss = torch.stack([l for l, _ in per_task]).mean()
+        ref_acc = torch.stack([a for _, a in per_task]).mean()
+        ref_grad = torch.autograd.grad(ref_loss, list(params.values()))
+        atol = 1e-4 * max(r.abs().max().item() for r in ref_grad)
+        for vec in (True, False):
+            loss, acc, grads = out[vec]
+            torch.testing.assert_close(loss, ref_loss)
+            torch.testing.assert_close(acc, ref_acc)
+            for a, r in zip(grads, ref_grad):
+                torch.testing.assert_close(a, r, rtol=1e-4, atol=atol)
+    ref_test = torch.stack([maml.adapt_and_score(model, maml.detached_params(model), *t, steps=3) for t in tasks])
+    assert len(set(ref_test.tolist())) > 1  # the tasks score differently: a mix-up of tasks would show
+    for vec in (True, False):
+        torch.testing.assert_close(maml.meta_test(model, params, x_s, y_s, x_q, y_q, steps=3, vectorize=vec), ref_test)
 
 
 # ---------------------------------------------------------------- KD and L_adv
 
 
-def test_kd_loss_zero_iff_student_equals_teacher():
+def test_kd_loss_zero_iff_the_logits_equal_the_teachers():
     t = torch.randn(8, 5)
     assert maml.kd_loss(t.clone(), t).abs().item() < 1e-6
     assert maml.kd_loss(torch.randn(8, 5), t).item() > 1e-3
@@ -349,14 +412,14 @@ def test_adversarial_mask_keeps_only_agreeing_samples():
     """Rows 0 and 2 agree (argmax 0 and 1); row 1 disagrees and must not contribute.
     L_adv = -(KL_0 + KL_2) / 3 (the mean runs over all n = 3 samples)."""
     teacher = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
-    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.5]])
-    p, q = F.softmax(teacher, 1), F.softmax(student, 1)
+    learner = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.5]])
+    p, q = F.softmax(teacher, 1), F.softmax(learner, 1)
     kl = (p * (p.log() - q.log())).sum(1)
-    torch.testing.assert_close(recover.adversarial_loss(teacher, student), -(kl[0] + kl[2]) / 3)
-    # changing the disagreeing row's student logits must not change the loss
-    student2 = student.clone()
-    student2[1] = torch.tensor([-5.0, 5.0])
-    torch.testing.assert_close(recover.adversarial_loss(teacher, student2), -(kl[0] + kl[2]) / 3)
+    torch.testing.assert_close(recover.adversarial_loss(teacher, learner), -(kl[0] + kl[2]) / 3)
+    # changing the disagreeing row's meta-learner logits must not change the loss
+    learner2 = learner.clone()
+    learner2[1] = torch.tensor([-5.0, 5.0])
+    torch.testing.assert_close(recover.adversarial_loss(teacher, learner2), -(kl[0] + kl[2]) / 3)
 
 
 def test_augment_is_a_shift_within_padding_and_keeps_gradients():
@@ -425,8 +488,8 @@ def test_recovery_leaves_the_teachers_batchnorm_statistics_unchanged(tiny_zoo):
     teacher = tiny_zoo[0]
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert any("running_mean" in k for k in before)
-    student = Conv4(WAY, NC, SIZE, track_running_stats=False)
-    for s in (None, (student, maml.detached_params(student))):
+    learner = Conv4(WAY, NC, SIZE, track_running_stats=False)
+    for s in (None, (learner, maml.detached_params(learner))):
         recover.recover_task(Generator(SIZE, NC, nf=NF_TINY), teacher, WAY, steps=3, n_per_class=4, flip=False,
                              student=s)
     for k, v in teacher.state_dict().items():
@@ -455,9 +518,37 @@ def test_recover_task_returns_the_kth_steps_images_and_gradient(tiny_zoo):
         torch.testing.assert_close(a, b)
 
 
+def test_recovery_with_a_seeded_generator_depends_on_its_seed_alone(tiny_zoo):
+    """With a CPU torch.Generator, Z and every augmentation draw of Eq. (1) come from it: two recoveries with
+    generators of the same seed give identical images and meta-gradients whatever the global RNG's state
+    (reseeded differently before each), and another seed gives other images. The same for the from-scratch
+    baseline, whose fresh generator's initialisation also comes from the seeded stream."""
+    G, teacher = Generator(SIZE, NC, nf=NF_TINY), tiny_zoo[2]
+    learner = Conv4(WAY, NC, SIZE, track_running_stats=False)
+    kwargs = dict(steps=3, n_per_class=4, lr=0.01, flip=True, student=(learner, maml.detached_params(learner)))
+
+    def seeded(global_seed, seed):
+        torch.manual_seed(global_seed)
+        return recover.recover_task(G, teacher, WAY, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    a, b, c = seeded(1, 7), seeded(2, 7), seeded(1, 8)
+    torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    for ga, gb in zip(a.meta_grad, b.meta_grad):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    assert not torch.allclose(a.x, c.x)
+
+    def scratch(global_seed, seed):
+        torch.manual_seed(global_seed)
+        return recover.recover_from_scratch(teacher, WAY, steps=2, image_size=SIZE, nc=NC, nf=NF_TINY, n_per_class=2,
+                                            generator=torch.Generator().manual_seed(seed)).x
+
+    torch.testing.assert_close(scratch(1, 7), scratch(2, 7), rtol=0, atol=0)
+    assert not torch.allclose(scratch(1, 7), scratch(1, 8))
+
+
 def test_meta_generator_recovers_unseen_teacher_better_than_fresh_generator(tiny_zoo):
-    """The FIVE claim, small: after 20 meta-updates over 6 teachers, k = 5 steps from theta_G on an
-    unseen teacher reach a lower Eq. (1) loss and a higher accuracy than 5 steps from the same
+    """The FIVE claim, small: after 20 meta-updates over 6 teachers, k = 5 evaluations of Eq. (1) from theta_G
+    on an unseen teacher reach a lower Eq. (1) loss and a higher accuracy than k = 5 from the same
     initial generator without meta-training (4 recoveries each, same Z seeds)."""
     k, n, lr, nf = 5, 10, 0.01, 8
     meta = recover.MetaGenerator(Generator(SIZE, NC, nf=nf), lr=lr)
@@ -473,6 +564,22 @@ def test_meta_generator_recovers_unseen_teacher_better_than_fresh_generator(tiny
 
     (acc_meta, loss_meta), (acc_fresh, loss_fresh) = recover_unseen(meta.G), recover_unseen(fresh)
     assert acc_meta > acc_fresh + 0.08 and loss_meta < loss_fresh - 0.1, (acc_meta, acc_fresh, loss_meta, loss_fresh)
+
+
+def test_meta_update_gives_the_optimizer_the_mean_of_the_teachers_meta_gradients():
+    """meta_update must step theta_G with (1/B) sum_i grad L_G(T_i; theta_G'_i). Adam's step does not see the
+    gradient's scale (a sum would pass), so an SGD with lr = 1 is swapped in: theta_G must move by exactly
+    -(g_1 + g_2 + g_3) / 3 for three unequal gradients (the last or the first teacher alone, or the sum, move
+    it elsewhere)."""
+    G = Generator(SIZE, NC, nf=NF_TINY)
+    meta = recover.MetaGenerator(G)
+    meta.opt = torch.optim.SGD(G.parameters(), lr=1.0)
+    g = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=g) for p in G.parameters()] for _ in range(3)]
+    before = [p.detach().clone() for p in G.parameters()]
+    meta.meta_update(grads)
+    for j, (p, b) in enumerate(zip(G.parameters(), before)):
+        torch.testing.assert_close(p.detach(), b - (grads[0][j] + grads[1][j] + grads[2][j]) / 3)
 
 
 def test_meta_update_moves_theta_G_with_persistent_adam_state():
