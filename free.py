@@ -1,23 +1,25 @@
 """FREE end to end: `python free.py --dataset cifarfs --shots 1`.
 
 Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024, §3 (method) and §4
-(setup); the counts are the authors' code defaults.
-The loop, as in the paper's algorithm:
-    warm-up: train only the meta-generator (no L_adv, nothing stored);
-    each round: sample B teachers -> FIVE: recover each task in k steps, meta-update theta_G
-                -> memory bank <- all recovered tasks -> BELL: KD with Eq. (3) alignment
-                -> MAML replay from the bank;
-    every E rounds: meta-validation (val split), keep the best theta;
-    at the end: one meta-test on a fixed set of test tasks.
+(setup); the counts are the authors' code defaults. The file reads in the paper's order:
+    Config       every setting, with its paper symbol and default;
+    Trainer.step one round: sample B teachers -> FIVE: recover each task in k steps, meta-update theta_G
+                 -> memory bank <- all recovered tasks -> BELL: KD with Eq. (3) alignment -> MAML replay;
+                 the first `warmup` rounds train only the meta-generator (no L_adv, nothing stored);
+    train        the rounds; every E rounds a meta-validation keeps the best theta;
+    meta_test    once, at the end, on a fixed set of test tasks;
+    main         the whole run; the plumbing (command line, checks, files, Ctrl-C) comes after it.
 Baselines: `random` (random-init Conv4), `average` (mean of same-architecture teachers' weights, new
 head), `maml` (data-based MAML on the real meta-train images: the upper bound, the only one that sees
-data). Ablations: --no-meta-generator, --no-align, --hard-labels.
+data). Ablations: --no-meta-generator, --no-align, --hard-labels, --no-kd, --max-replay 0.
+`--workers N` (or torchrun) spreads a round's independent tasks over N processes (workers.py).
 
 Differences from the authors' code (one-line comments mark them where they happen):
 model selection on the meta-validation split, not the test split; every recovered task enters the
 memory bank; the generator's Adam persists; paths and counts come from one Config.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -26,12 +28,14 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 import maml
 import recover
+import workers
 from data import DATASETS, UserError, load_dataset, sample_tasks
 from models import ARCHS, Conv4, Generator
 from zoo import QUICK_SETTINGS, build_zoo, load_checkpoint, mirror_invariant, paper_settings
@@ -42,20 +46,18 @@ USES_ZOO = ("free", "average")  # methods that read the teacher zoo
 BANK_FILTERS = ("all", "agree")  # --bank-filter choices
 TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and seed sees the same tasks
 VAL_TASK_SEED = 1234  # the meta-validation task seed (same val tasks at every evaluation)
-PROJECTION_ROUNDS = 3  # after this many post-warm-up rounds on the CPU, print the projected time
-GRID_PER_CLASS = 8  # recovered.png: images per class shown (recovered, then real)
-GRID_PAD = 2  # recovered.png: pixels between images
+PROJECTION_ROUNDS = 3  # after this many training rounds of the paper preset on the CPU, print the projected time
 EVAL_CHUNK = 50  # meta-test tasks evaluated at once (memory only; no effect on the results)
 
 
 @dataclass
 class Config:
     # ---- what to run
-    dataset: str = "cifarfs"  # data set (paper §4; see README "Data")
+    dataset: str = "cifarfs"  # data set (paper §4; README "Data")
     way: int = 5  # N, classes per task (paper: 5)
     shots: int = 1  # K, support images per class (paper: 1 or 5)
     query: int = 15  # Q, query images per class (paper: 15)
-    method: str = "free"  # free / random / average / maml
+    method: str = "free"  # free / random / average / maml (README "Baselines and ablations")
     no_meta_generator: bool = False  # ablation: recover from a fresh generator (BiDf-MKD style)
     recover_steps: int = recover.SCRATCH_STEPS  # steps from scratch with --no-meta-generator (BiDf-MKD: 200)
     no_align: bool = False  # ablation: independent KD steps instead of Eq. (3)'s sequential ones
@@ -66,24 +68,25 @@ class Config:
     bank_filter: str = "all"  # memory bank keeps: all recovered images / those the teacher labels as Y ("agree", ours)
     first_order: bool = False  # FOMAML replay instead of second-order MAML (authors' code: --approx)
     teacher_arch: str = "conv4"  # zoo architecture: conv4 / resnet10 / resnet18 / mix
-    preset: str = "paper"  # paper / quick / smoke: counts only, never the algorithm
-    # ---- where
-    data_root: str = "data"
-    mirror: str = None  # base URL replacing every download's
+    preset: str = "paper"  # paper / quick / smoke: counts only, never the algorithm (README "Presets")
+    # ---- where and how
+    data_root: str = "data"  # folder of the data sets, downloads go there (README "Data")
+    mirror: str = None  # base URL replacing every download's (http:// or https://)
     out: str = None  # output folder (default runs/<dataset>-<way>w<shots>s-<method>)
-    cache: str = "cache"  # teacher-zoo cache folder
-    seed: int = 0
-    device: str = "auto"  # auto / cpu / cuda
+    cache: str = "cache"  # teacher-zoo cache folder, shared by runs
+    seed: int = 0  # seeds the whole run: teacher zoo, generator, meta-learner, task sampling
+    device: str = "auto"  # auto (CUDA when present) / cpu / cuda
+    workers: int = 1  # processes sharing each round's tasks (torch.distributed; one CPU core or one GPU each)
     vmap: str = "auto"  # map a meta-batch's / meta-test chunk's tasks with torch.func.vmap: auto (on CUDA) / on / off
-    resume: bool = False
+    resume: bool = False  # continue the run in --out if it holds one (else start it); a finished run is reported
     # ---- counts (the preset sets these; a flag overrides)
     n_teachers: int = 100  # size of the teacher zoo (paper §4: 100)
     zoo_epochs: int = None  # teacher training epochs (authors' code: 60, CUB 100; None = the paper's for the data set)
     zoo_batch: int = 128  # teacher training batch size (authors' code: 128)
-    rounds: int = 1000  # meta-training rounds (authors' default)
+    rounds: int = 1000  # meta-training rounds, warm-up included (authors' default)
     warmup: int = 20  # warm-up rounds, generator only (authors' code: 20)
     B: int = 4  # B, teachers per round (authors' code: 4)
-    k: int = recover.K  # k, generator adaptation steps: evaluations of Eq. (1) per teacher (paper §3.2: 5)
+    k: int = recover.K  # k, evaluations of Eq. (1) per teacher, k - 1 Adam steps between them (paper §3.2: 5)
     n_per_class: int = recover.IMAGES_PER_CLASS  # rows of Z per class (authors' code: 20)
     nf: int = 64  # nf, generator width (supplement Table 1: 64)
     meta_batch: int = 10  # tasks per replay meta-batch (authors' code: 10)
@@ -106,8 +109,8 @@ class Config:
 
 PRESETS = {
     "paper": {},  # the Config defaults are the paper's
-    # a CPU run on Omniglot (README "Presets": how the counts were chosen, and its measured time); rounds: the
-    # fewest at which FREE's meta-validation beat average's by 3 points on every seed (`bench.py rounds`)
+    # a CPU run on Omniglot; rounds: the fewest at which FREE's meta-validation beat average's by 3 points on
+    # every seed (`python experiments/bench.py rounds`; how each count was chosen: experiments/RESULTS.md)
     "quick": dict(n_teachers=40, zoo_epochs=QUICK_SETTINGS.epochs, zoo_batch=QUICK_SETTINGS.batch_size, rounds=140,
                   warmup=10, nf=16, replay_patience=2, max_replay=4, eval_every=20, val_tasks=200, save_every=10,
                   recover_steps=20),
@@ -117,17 +120,424 @@ PRESETS = {
                   recover_steps=3, train_inner_steps=1, test_inner_steps=2),
 }
 # settings whose change makes a checkpoint belong to another run (everything but where/how to run)
-NOT_IDENTITY = ("out", "resume", "device", "vmap", "data_root", "mirror", "cache", "rounds")
-# settings added after runs were saved, with the value that reproduces a run whose config.json lacks them
-ADDED_SETTINGS = {"no_kd": False}
+NOT_IDENTITY = ("out", "resume", "device", "workers", "vmap", "data_root", "mirror", "cache", "rounds")
 
 
-# ------------------------------------------------------------------------ command line
+# ------------------------------------------------------------------------ one round of FREE
+
+
+class Trainer:
+    """The FREE meta-training loop (paper §3) and its resumable state."""
+
+    def __init__(self, cfg, ds, teachers, device, log):
+        self.cfg, self.ds, self.teachers, self.device, self.log = cfg, ds, teachers, device, log
+        self.model = new_meta_learner(ds, cfg, device)  # f_theta
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)  # outer Adam: Eq. (3) and replay
+        G = Generator(ds.image_size, ds.channels, nf=cfg.nf).to(device)  # G(theta_G), supplement Table 1
+        self.meta_gen = recover.MetaGenerator(G, cfg.gen_lr, recover.GEN_BETAS)
+        self.bank = recover.MemoryBank(device=device)
+        self.rng = torch.Generator().manual_seed(cfg.seed)  # teacher choice and replay tasks
+        self.round = 0 if cfg.method == "free" else cfg.warmup  # maml has no meta-generator to warm up
+        self.best_val, self.best_state = -1.0, None
+        self.wall_seconds, self.resumes = 0.0, 0  # of earlier processes of a resumed run
+        self.timer = Timer(device)
+        self.last_recovered = None  # (x, y, classes) of the round's last task, for recovered.png
+
+    def step(self):
+        """One round of the paper's algorithm. Returns the values logged for it."""
+        cfg, warm = self.cfg, self.round < self.cfg.warmup
+        row = {"round": self.round + 1, "phase": "warm-up" if warm else "train"}
+        if cfg.method == "free":
+            teachers = self.sample_teachers()  # B teachers of the zoo
+            with self.timer("recovery"):
+                tasks = self.five(teachers, student=not warm)  # FIVE: k steps of Eq. (1) each, then theta_G's update
+            row["rec_acc"] = sum(t.teacher_acc for t in tasks) / len(tasks)
+            if warm:
+                return row  # warm-up: the meta-generator alone; nothing stored, no L_adv
+            with self.timer("kd"):
+                self.memory_bank(tasks, teachers)  # every recovered task; authors' code stores only the last
+                row["bank"] = len(self.bank)
+                if not cfg.no_kd:  # ablation --no-kd: the meta-learner learns from replay alone
+                    row["kd_loss"] = self.bell(tasks, teachers)  # BELL: KD with Eq. (3)'s alignment
+        with self.timer("replay"):
+            row.update(self.replay())  # cross-task MAML replay from the memory bank (maml: real data)
+        return row
+
+    def sample_teachers(self):
+        idx = torch.randperm(len(self.teachers), generator=self.rng)[:self.cfg.B].tolist()
+        return [self.teachers[i] for i in idx]
+
+    def five(self, teachers, student):
+        """FIVE (paper §3.2): recover one task per teacher, k evaluations of Eq. (1) from theta_G (or
+        from scratch), then meta-update theta_G with the mean first-order meta-gradient. L_adv needs the
+        meta-learner (`student`), off during warm-up. Each worker recovers its share of the teachers."""
+        cfg = self.cfg
+        meta_learner = (self.model, maml.detached_params(self.model)) if student else None
+        flip = mirror_invariant(self.ds)
+        mine = []
+        for j in workers.my_share(len(teachers)):
+            g = task_generator(cfg.seed, self.round, j)  # the same draws on any worker
+            if cfg.no_meta_generator:
+                r = recover.recover_from_scratch(teachers[j].model, cfg.way, cfg.recover_steps, self.ds.image_size,
+                                                 self.ds.channels, nf=cfg.nf, n_per_class=cfg.n_per_class,
+                                                 lr=cfg.gen_lr, student=meta_learner, lambda_adv=cfg.lambda_adv,
+                                                 flip=flip, generator=g)
+            else:
+                r = recover.recover_task(self.meta_gen.G, teachers[j].model, cfg.way, cfg.k, cfg.n_per_class,
+                                         cfg.gen_lr, student=meta_learner, lambda_adv=cfg.lambda_adv, flip=flip,
+                                         generator=g)
+            mine.append(r)
+        tasks = workers.gather_from_workers(mine)  # all B tasks, in teacher order, on every worker
+        if not cfg.no_meta_generator:
+            self.meta_gen.meta_update([r.meta_grad for r in tasks])
+        self.last_recovered = (tasks[-1].x, tasks[-1].y, teachers[-1].classes)
+        return tasks
+
+    def memory_bank(self, tasks, teachers):
+        """Memory bank (paper §3.2): each recovered task's images under the global ids of its teacher's classes."""
+        for r, t in zip(tasks, teachers):
+            keep = r.teacher_logits.argmax(1) == r.y if self.cfg.bank_filter == "agree" else slice(None)
+            self.bank.add(r.x[keep], r.y[keep], t.classes)
+
+    def bell(self, tasks, teachers):
+        """BELL's KD step (paper §3.3): theta_tilde takes one KD step per recovered task in sequence
+        (Eq. (3)), and the outer Adam moves theta toward theta_tilde. Returns the mean KD loss."""
+        cfg = self.cfg
+        g = task_generator(cfg.seed, self.round, len(tasks))  # A(.) of the KD images
+        kd_tasks = [self.kd_task(r, t, g) for r, t in zip(tasks, teachers)]
+        g, kd = maml.align_meta_gradient(self.model, maml.detached_params(self.model), kd_tasks, cfg.alpha, cfg.tau,
+                                         cfg.hard_labels, align=not cfg.no_align, optimizer=cfg.theta_tilde_opt)
+        check_finite(kd, "KD loss (Eq. 3)", self.round)
+        maml.apply_meta_gradient(self.model, self.opt, g)
+        return kd.item()
+
+    def kd_task(self, r, teacher, generator):
+        """A recovered task as KD sees it: (A(x), Y, M_i(A(x))), teacher and meta-learner on the same augmented
+        images, as the authors' code does; (x, Y, M_i(x)) with --no-kd-augment."""
+        if self.cfg.no_kd_augment:
+            return r.x, r.y, r.teacher_logits
+        x = recover.augment(r.x, flip=mirror_invariant(self.ds), generator=generator)
+        with torch.no_grad():
+            return x, r.y, teacher.model(x)
+
+    def replay(self):
+        """Cross-task replay (paper §3.3): MAML meta-batches from the memory bank (for `maml`: from the real
+        meta-train split) until the train accuracy has not improved for `replay_patience` meta-batches.
+        Each worker computes the outer loss of its share of a meta-batch's tasks."""
+        cfg, best, since, losses, accs = self.cfg, -1.0, 0, [], []
+        if cfg.max_replay == 0 or (cfg.method != "maml" and not self.bank.can_sample(cfg.way, cfg.shots, cfg.query)):
+            return {}  # replay switched off (--max-replay 0), or too few images per class yet
+        mine = workers.my_share(cfg.meta_batch)
+        for _ in range(cfg.max_replay):
+            if cfg.method == "maml":
+                batch = sample_tasks(self.ds.splits["train"], cfg.meta_batch, cfg.way, cfg.shots, cfg.query, self.rng)
+            else:
+                batch = self.bank.sample_tasks(cfg.meta_batch, cfg.way, cfg.shots, cfg.query, self.rng)
+            x_s, y_s, x_q, y_q = (v[mine.start:mine.stop].to(self.device) for v in batch)
+            loss, acc = maml.maml_meta_batch_loss(self.model, dict(self.model.named_parameters()), x_s, y_s, x_q, y_q,
+                                                  cfg.train_inner_steps, cfg.inner_lr, cfg.first_order,
+                                                  use_vmap(cfg, self.device))
+            share = len(mine) / cfg.meta_batch  # (1/T) sum over all T tasks = sum over workers of share * mean
+            # the one host sync of a meta-batch: the stopping rule needs the accuracy, the NaN guard the loss
+            loss_now, acc_now = workers.sum_over_workers([torch.stack([share * loss.detach(), share * acc])])[0].tolist()
+            check_finite(torch.tensor(loss_now), "MAML replay loss", self.round)
+            self.opt.zero_grad(set_to_none=True)
+            (share * loss).backward()
+            workers.sum_over_workers([p.grad for p in self.model.parameters()])
+            self.opt.step()
+            losses.append(loss_now)
+            accs.append(acc_now)
+            best, since = (acc_now, 0) if acc_now > best else (best, since + 1)
+            if since >= cfg.replay_patience:
+                break
+        return {"replay_loss": sum(losses) / len(losses), "replay_acc": sum(accs) / len(accs),
+                "replay_batches": len(losses)}
+
+    # ---- state
+    def state_dict(self):
+        return dict(round=self.round, model=self.model.state_dict(), opt=self.opt.state_dict(),
+                    meta_gen=self.meta_gen.state_dict(), bank=self.bank.state_dict(),
+                    rng=self.rng.get_state(), torch_rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    best_val=self.best_val, best_state=self.best_state, wall_seconds=self.wall_seconds,
+                    resumes=self.resumes, config=dataclasses.asdict(self.cfg))
+
+    def load_state_dict(self, s):
+        self.round = s["round"]
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.meta_gen.load_state_dict(s["meta_gen"])
+        self.bank.load_state_dict(s["bank"])
+        self.rng.set_state(s["rng"])
+        torch.set_rng_state(s["torch_rng"])
+        if s["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda_rng"])
+        self.best_val, self.best_state = s["best_val"], s["best_state"]
+        self.wall_seconds, self.resumes = s["wall_seconds"], s["resumes"] + 1
+
+
+def task_generator(seed, round_, j):
+    """The random stream of task j of a round (a CPU generator): a recovery draws the same on any worker."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, round_, j]).generate_state(1)[0]))
+
+
+class Timer:
+    """Seconds spent in each named phase of a round: `with timer("replay"): ...`; take() returns and resets them."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def take(self):
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+def check_finite(loss, what, round_):
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"round {round_ + 1}: the {what} is {loss.item()}; stopping. last.pt holds the "
+                                 f"state before this round (resume with --resume after fixing the cause)")
+
+
+# ------------------------------------------------------------------------ train, validate, meta-test
+
+
+def train(cfg, trainer, run):
+    """The rounds, with meta-validation and checkpoints. Returns False when Ctrl-C stopped it (last.pt saved)."""
+    with finish_round_on_ctrl_c() as stop:
+        while trainer.round < cfg.rounds:
+            t_round = time.perf_counter()
+            row = trainer.step()
+            trainer.round += 1
+            row["seconds"] = dict(trainer.timer.take(), round=time.perf_counter() - t_round)
+            run.round_done(row, trainer)
+            if is_validation_round(cfg, trainer.round):
+                validate(cfg, trainer, run)
+            stopping = workers.any_worker(stop["flag"])
+            if is_validation_round(cfg, trainer.round) or trainer.round % cfg.save_every == 0 or stopping:
+                run.save_checkpoint(trainer)
+            if stopping:
+                run.log(f"stopped at round {trainer.round}; last.pt is saved: the same command with --resume "
+                        f"continues")
+                return False
+    return True
+
+
+def is_validation_round(cfg, round_):
+    """Meta-validation after every E-th round and after the last, once the warm-up is over."""
+    return round_ > cfg.warmup and (round_ % cfg.eval_every == 0 or round_ == cfg.rounds)
+
+
+def validate(cfg, trainer, run):
+    """Meta-validation on the val split; the best theta so far goes to best.pt."""
+    t0 = time.perf_counter()
+    acc, ci = evaluate(cfg, trainer.model, maml.detached_params(trainer.model), trainer.ds.splits["val"],
+                       cfg.val_tasks, VAL_TASK_SEED, trainer.device)
+    # model selection on meta-validation; authors' code selects on the test split
+    if acc > trainer.best_val:
+        trainer.best_val = acc
+        trainer.best_state = copy.deepcopy(trainer.model.state_dict())
+        run.save_best(trainer.model, trainer.best_state)
+    run.validated(trainer.round, acc, ci, trainer.best_val, time.perf_counter() - t0)
+
+
+def evaluate(cfg, model, params, split, n_tasks, seed, device, classes=None, chunk=EVAL_CHUNK):
+    """Mean accuracy and 95% CI over n_tasks tasks of `split` sampled with a fixed seed (paper §4
+    protocol: adapt test_inner_steps SGD steps on the support set, score the query set). Every worker
+    samples every task and scores its share."""
+    g = torch.Generator().manual_seed(seed)
+    accs = []
+    for start in range(0, n_tasks, chunk):
+        t = min(chunk, n_tasks - start)
+        batch = sample_tasks(split, t, cfg.way, cfg.shots, cfg.query, g, classes)
+        mine = workers.my_share(t)
+        x_s, y_s, x_q, y_q = (v[mine.start:mine.stop].to(device) for v in batch)
+        if len(mine):
+            accs += maml.meta_test(model, params, x_s, y_s, x_q, y_q, cfg.test_inner_steps, cfg.inner_lr,
+                                   use_vmap(cfg, device)).cpu().tolist()
+    return maml.mean_ci95(workers.gather_from_workers(accs))
+
+
+def meta_test(cfg, ds, model, params, device):
+    """The single meta-test: test_tasks tasks from TEST_TASK_SEED, or that many per domain when the
+    test classes span several domains (`mix`: 3 x 600); then the mean over domains is reported."""
+    split = ds.splits["test"]
+    domains = sorted({ds.domain_of_class[c] for c in split.classes})
+    if len(domains) == 1:
+        return {"test_acc": evaluate(cfg, model, params, split, cfg.test_tasks, TEST_TASK_SEED, device)}
+    out = {}
+    for d in domains:
+        classes = [c for c in split.classes if ds.domain_of_class[c] == d]
+        out[d] = evaluate(cfg, model, params, split, cfg.test_tasks, TEST_TASK_SEED, device, classes)
+    mean = sum(v[0] for v in out.values()) / len(out)
+    ci = math.sqrt(sum(v[1] ** 2 for v in out.values())) / len(out)  # CI of a mean of independent means
+    return {"test_acc": (mean, ci), "per_domain": out}
+
+
+def use_vmap(cfg, device):
+    """Map tasks with torch.func.vmap: --vmap on / off, or auto = on CUDA only (on the CPU the per-task
+    loop is faster, README "Speed"). Both paths compute the same losses (test_free checks them)."""
+    return cfg.vmap == "on" or (cfg.vmap == "auto" and device.type == "cuda")
+
+
+# ------------------------------------------------------------------------ the methods' starting points
+
+
+def load_teachers(cfg, ds, device, log):
+    """The teacher zoo of this configuration: trained once (each worker trains its share), then read from
+    the cache."""
+    settings = dataclasses.replace(paper_settings(cfg.dataset), batch_size=cfg.zoo_batch)
+    if cfg.zoo_epochs is not None:
+        settings.epochs = cfg.zoo_epochs
+    if workers.world_size() > 1:
+        build_zoo(ds, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset, settings, cfg.cache, device,
+                  log=log, indices=workers.my_share(cfg.n_teachers))
+        workers.barrier()  # every teacher is in the cache now
+    teachers = build_zoo(ds, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset, settings, cfg.cache,
+                         device, log=log)
+    for t in teachers:
+        t.model.requires_grad_(False)
+    return teachers
+
+
+def new_meta_learner(ds, cfg, device):
+    return Conv4(cfg.way, ds.channels, ds.image_size, ds.mean, ds.std, track_running_stats=False).to(device)
+
+
+def average_teachers(model, teachers):
+    """`average` baseline: theta = mean of the conv4 teachers' weights; a freshly initialised head."""
+    same = [t for t in teachers if t.arch == "conv4"]
+    if not same:
+        raise UserError("--method average needs conv4 teachers; this zoo has none (use --teacher-arch conv4 or mix)")
+    state = model.state_dict()
+    for name in state:
+        if not name.startswith("head.") and not name.startswith("normalize."):
+            state[name] = torch.stack([dict(t.model.named_parameters())[name].detach() for t in same]).mean(0)
+    model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def main(argv=None):
+    """One run of free.py. Returns its results (the dict in results.json), or None when Ctrl-C stopped it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_args(argv)
+    check_config(cfg)
+    if cfg.workers > 1 and not workers.under_torchrun():
+        return spawn_workers(cfg, argv)
+    with workers.process_group(pick_device(cfg.device, probe=True).type):
+        return run_method(cfg)
+
+
+def run_method(cfg):
+    device = pick_device(cfg.device)
+    finished = check_out(cfg)
+    if finished is not None:
+        print(f"{cfg.out} holds a finished run of {cfg.rounds} rounds: meta-test {finished['test_acc']:.2f} ± "
+              f"{finished['test_ci95']:.2f} (results.json)")
+        return finished
+    t_start = time.perf_counter()
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.mirror, seed=cfg.seed)
+    check_settings(cfg, ds)  # a failed start writes nothing: the same command runs once the cause is fixed
+    run = Run(cfg)
+    run.log(f"device: {device}  workers {workers.world_size()}  torch {torch.__version__}  "
+            f"threads {torch.get_num_threads()}")
+    run.log("config: " + json.dumps(dataclasses.asdict(cfg)))
+    run.log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
+            f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
+    teachers = run.zoo(lambda: load_teachers(cfg, ds, device, run.log)) if cfg.method in USES_ZOO else []
+    set_seed(cfg.seed)  # the zoo may be cached or trained: start the run's randomness from here
+
+    trainer = Trainer(cfg, ds, teachers, device, run.log)
+    if os.path.exists(run.last_path):
+        trainer.load_state_dict(load_checkpoint(run.last_path, UserError, "--resume:", "it is written atomically, so "
+                                                "it was changed outside free.py: start a new run in another --out"))
+        run.resumed(trainer)
+    run.start(t_start, trainer)
+    if cfg.method == "average":
+        average_teachers(trainer.model, teachers)
+    if cfg.method not in TRAINED:  # untrained baselines: one meta-validation, comparable with FREE's
+        validate(cfg, trainer, run)
+    elif cfg.method == "maml" and trainer.round == cfg.warmup and cfg.warmup:
+        run.log(f"maml: no meta-generator to warm up; rounds {cfg.warmup + 1}-{cfg.rounds} replay real tasks")
+    if cfg.method in TRAINED and not train(cfg, trainer, run):
+        return None  # stopped by Ctrl-C
+
+    # ---- the single meta-test, of the best theta on meta-validation
+    model = trainer.model
+    if trainer.best_state is not None:
+        model.load_state_dict(trainer.best_state)
+    else:
+        run.save_best(model, model.state_dict())
+    t_test = time.perf_counter()
+    test = meta_test(cfg, ds, model, maml.detached_params(model), device)
+    run.tested(trainer, test, time.perf_counter() - t_test)
+    if trainer.last_recovered is not None:
+        run.save_recovered_grid(trainer.last_recovered, ds.splits["train"])
+    return run.finish(trainer, test)
+
+
+def spawn_workers(cfg, argv):
+    """`--workers N` on one machine: N processes, as torchrun would start them; rank 0 writes results.json."""
+    status = workers.launch(cli, argv, cfg.workers, pick_device(cfg.device).type)
+    if status == workers.INTERRUPTED:
+        return None
+    if status:
+        raise SystemExit(status)  # a worker failed; its error is printed above
+    with open(os.path.join(cfg.out, "results.json")) as f:
+        return json.load(f)
+
+
+def cli(argv=None):
+    """The command line: main(), with every error a user can cause or fix as one `error:` line (exit 1), and
+    Ctrl-C as one line (exit 130) that says what is kept."""
+    try:
+        return 0 if main(argv) is not None else workers.INTERRUPTED
+    except (UserError, FloatingPointError) as e:
+        if workers.is_main():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        if workers.is_main():
+            print("\ninterrupted: the cached teachers and the last saved checkpoint (last.pt) are kept; the same "
+                  "command with --resume continues", file=sys.stderr, flush=True)
+        return workers.INTERRUPTED
+
+
+@contextlib.contextmanager
+def finish_round_on_ctrl_c():
+    """In the rounds, a first Ctrl-C finishes the round (and its validation), saves last.pt and stops;
+    a second one aborts at once (KeyboardInterrupt)."""
+    stop = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        if workers.is_main():
+            print("\ninterrupt: finishing this round, then saving last.pt (Ctrl-C again to abort now)", flush=True)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# ------------------------------------------------------------------------ command line and checks
 
 
 def parse_args(argv=None):
     """Build argparse from Config; the preset fills counts the user did not set."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n")[0])
     choices = dict(dataset=DATASETS, method=METHODS, teacher_arch=ARCHS + ("mix",),
                    preset=tuple(PRESETS), device=("auto", "cpu", "cuda"), shots=(1, 5),
                    theta_tilde_opt=maml.THETA_TILDE_OPTIMIZERS, bank_filter=BANK_FILTERS, vmap=("auto", "on", "off"))
@@ -135,7 +545,7 @@ def parse_args(argv=None):
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         by_preset = "".join(f"; {name}: {over[f.name]}" for name, over in PRESETS.items() if f.name in over)
-        help_ = f"{comments.get(f.name, '')} (default: {f.default}{by_preset})"
+        help_ = f"{comments[f.name]} (default: {f.default}{by_preset})"
         if f.type is bool:
             p.add_argument(flag, action="store_true", help=help_)
             continue
@@ -149,6 +559,13 @@ def parse_args(argv=None):
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.dataset}-{cfg.way}w{cfg.shots}s-{run_name(cfg)}")
     return cfg
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one `error: ...` line naming the fix (--help), like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python free.py --help lists every flag)\n")
 
 
 def field_comments():
@@ -174,12 +591,127 @@ def ablations(cfg):
                   if getattr(cfg, n) != getattr(defaults, n)]
 
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# the least value of each count (a flag below it ends in one error line before any work)
+AT_LEAST = dict(way=2, query=1, recover_steps=1, seed=0, workers=1, n_teachers=1, zoo_epochs=1, zoo_batch=2,
+                rounds=1, warmup=0, B=1, k=1, n_per_class=1, nf=1, meta_batch=1, replay_patience=1, max_replay=0,
+                eval_every=1, val_tasks=1, test_tasks=1, save_every=1, train_inner_steps=1, test_inner_steps=0)
+POSITIVE = ("gen_lr", "alpha", "tau", "outer_lr", "inner_lr")  # rates: finite and > 0
+NON_NEGATIVE = ("lambda_adv",)  # weights: finite and >= 0
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg):
+    """Every setting that is wrong whatever the data, found before anything is read, written or trained."""
+    for name, least in AT_LEAST.items():
+        value = getattr(cfg, name)
+        if value is not None and value < least:
+            raise UserError(f"{flag(name)} {value}: expected at least {least}")
+    for name in POSITIVE + NON_NEGATIVE:
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in POSITIVE):
+            raise UserError(f"{flag(name)} {value}: expected a finite number {'> 0' if name in POSITIVE else '>= 0'}")
+    if cfg.method in USES_ZOO and cfg.B > cfg.n_teachers:
+        raise UserError(f"--B {cfg.B}: a round samples B of the {cfg.n_teachers} teachers; lower --B or raise "
+                        f"--n-teachers")
+    if cfg.method in TRAINED and cfg.rounds <= cfg.warmup:
+        raise UserError(f"--rounds {cfg.rounds} with --warmup {cfg.warmup}: the meta-learner would never train; "
+                        f"expected --rounds > --warmup")
+    if cfg.method == "maml" and cfg.max_replay < 1:
+        raise UserError(f"--max-replay {cfg.max_replay}: expected at least 1 for --method maml (it learns from "
+                        f"replay alone)")
+    if cfg.mirror is not None and not cfg.mirror.startswith(("http://", "https://")):
+        raise UserError(f"--mirror {cfg.mirror}: expected an http:// or https:// base address")
+    if cfg.workers > 1:
+        check_workers(cfg)
+    for what, folder in (("--out", cfg.out), ("--data-root", cfg.data_root)) + \
+            ((("--cache", cfg.cache),) if cfg.method in USES_ZOO else ()):
+        check_writable(what, folder)
+
+
+def check_workers(cfg):
+    device_type = pick_device(cfg.device).type
+    have = workers.available(device_type)
+    if cfg.workers > have:
+        raise UserError(f"--workers {cfg.workers}: this machine has {have} "
+                        f"{'GPUs' if device_type == 'cuda' else 'CPU cores'}; expected at most {have}")
+    if cfg.workers > cfg.meta_batch:
+        raise UserError(f"--workers {cfg.workers}: a replay meta-batch of {cfg.meta_batch} tasks is shared by the "
+                        f"workers; expected at most --meta-batch workers")
+
+
+def check_writable(what, folder):
+    """`folder` exists as a writable folder, or can be made: its nearest existing ancestor is one."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder}: {path} is not a writable folder; pick another {what}")
+    if os.path.realpath(path).startswith(("/proc", "/sys")):
+        raise UserError(f"{what} {folder}: {path} is a kernel file system, not a folder for files; pick another {what}")
+
+
+def check_out(cfg):
+    """--out holds no run, or (with --resume) a run of this configuration. Returns the results of a
+    finished run of as many rounds (nothing left to do), else None."""
+    last, results = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "results.json")
+    has_run = os.path.exists(last) or os.path.exists(results)
+    if not cfg.resume:
+        if has_run:
+            raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or pick another --out")
+        return None
+    if not has_run:
+        return None  # --resume of a run that has not started yet: start it
+    check_resume(cfg, cfg.out)
+    if os.path.exists(results):
+        with open(results) as f:
+            done = json.load(f)
+        if done.get("rounds") == (cfg.rounds if cfg.method in TRAINED else 0):
+            return done
+    return None
+
+
+def check_resume(cfg, out):
+    """Refuse to resume a run of another configuration."""
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume: cannot read {path} ({e}); it is written at a run's start: start a new run "
+                        f"in another --out") from e
+    mine = dataclasses.asdict(cfg)
+    diff = [k for k in mine if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
+    if diff:
+        raise UserError(f"--resume: {out} belongs to a different configuration; differing settings: "
+                         + ", ".join(f"{k} (saved {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
+                         + ". Use another --out or the saved settings.")
+
+
+def check_settings(cfg, ds):
+    """Settings the data cannot satisfy, found before anything is written or trained."""
+    needs_train = cfg.method in USES_ZOO or cfg.method == "maml"
+    for s in ["val", "test"] + (["train"] if needs_train else []):
+        split = ds.splits[s]
+        if len(split.classes) < cfg.way:
+            raise UserError(f"--way {cfg.way}: the {s} split of {ds.name} has {len(split.classes)} classes; "
+                            f"lower --way")
+        if s == "train" and cfg.method != "maml":
+            continue  # teachers need `way` classes; tasks are sampled from the real train split by maml only
+        fewest = torch.bincount(split.labels)[split.classes].min().item()
+        if fewest < cfg.shots + cfg.query:
+            raise UserError(f"--shots {cfg.shots} + --query {cfg.query}: a class of the {s} split of {ds.name} "
+                            f"has {fewest} images; lower --shots or --query")
+
+
+def pick_device(name, probe=False):
+    """The run's device, chosen once: CUDA when present (auto), or as asked; a worker gets its own GPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device auto or cpu")
-    return torch.device(name)
+    kind = "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
+    return torch.device(kind) if probe or not workers.under_torchrun() else workers.local_device(kind)
 
 
 def set_seed(seed):
@@ -188,7 +720,161 @@ def set_seed(seed):
         torch.cuda.manual_seed_all(seed)
 
 
-# ------------------------------------------------------------------------ files
+# ------------------------------------------------------------------------ files and progress
+
+
+class Run:
+    """A run's folder: config.json, log.txt (the lines printed), metrics.jsonl (one JSON object per event:
+    zoo, round, val, test), last.pt, best.pt, results.json, recovered.png. Rank 0 alone writes."""
+
+    def __init__(self, cfg):
+        self.cfg, self.main = cfg, workers.is_main()
+        self.last_path, self.best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
+        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        self.t_start, self.earlier = time.perf_counter(), 0.0
+        self.rounds_timed = {"warm-up": [0, 0.0], "train": [0, 0.0]}  # phase -> [rounds, seconds] in this process
+        self.val_seconds = []
+        if self.main:
+            os.makedirs(cfg.out, exist_ok=True)
+            write_json_atomic(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
+
+    def log(self, msg):
+        """One line to stdout and to log.txt."""
+        if self.main:
+            print(msg, flush=True)
+            with open(os.path.join(self.cfg.out, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    def record(self, event, **values):
+        """One line of metrics.jsonl: what the experiments read (never log.txt)."""
+        if self.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"event": event, **values}) + "\n")
+
+    def zoo(self, load):
+        t0 = time.perf_counter()
+        teachers = load()
+        self.record("zoo", teachers=len(teachers), seconds=time.perf_counter() - t0,
+                    held_out_acc=sum(t.acc for t in teachers) / len(teachers))
+        return teachers
+
+    def resumed(self, trainer):
+        """Drop the records of rounds after the checkpoint (they are done again), so metrics.jsonl is one history."""
+        if self.main and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                kept = [line for line in f if keep_on_resume(json.loads(line), trainer.round)]
+            atomic_text("".join(kept), self.metrics_path)
+        self.log(f"resumed from {self.last_path} at round {trainer.round}")
+
+    def start(self, t_start, trainer):
+        self.t_start, self.earlier = t_start, trainer.wall_seconds
+
+    def elapsed(self):
+        """Wall seconds of the whole run: this process and every earlier one of a resumed run."""
+        return self.earlier + time.perf_counter() - self.t_start
+
+    def round_done(self, row, trainer):
+        timed = self.rounds_timed[row["phase"]]
+        timed[0], timed[1] = timed[0] + 1, timed[1] + row["seconds"]["round"]
+        self.record("round", **row, elapsed=self.elapsed())
+        self.log(format_row(row, self.cfg.rounds, self.elapsed(), self.eta(trainer)))
+        cfg = self.cfg
+        if trainer.device.type == "cpu" and cfg.preset == "paper" and self.rounds_timed["train"][0] == PROJECTION_ROUNDS:
+            self.log(f"projected time on this CPU for the rest of the run: {self.eta(trainer)} "
+                     f"(--preset quick is a CPU-sized run: README 'Quick start')")
+
+    def eta(self, trainer):
+        """Time left: remaining rounds at the mean round time of their phase, validations at the mean
+        validation time, the meta-test at the validation time per task. Parts not timed yet are named."""
+        cfg = self.cfg
+        left = {"warm-up": max(0, cfg.warmup - trainer.round), "train": cfg.rounds - max(trainer.round, cfg.warmup)}
+        untimed, secs = [], 0.0
+        for phase, (n, seconds) in self.rounds_timed.items():
+            if left[phase] and not n:
+                untimed.append(f"{phase} rounds")
+            secs += left[phase] * seconds / max(1, n)
+        left_val = sum(is_validation_round(cfg, r) for r in range(trainer.round + 1, cfg.rounds + 1))
+        if self.val_seconds:
+            per_val = sum(self.val_seconds) / len(self.val_seconds)
+            secs += left_val * per_val + per_val * cfg.test_tasks / cfg.val_tasks
+        else:
+            untimed.append("validations and meta-test")
+        text = format_hms(secs)
+        return f">= {text} ({', '.join(untimed)} not timed yet)" if untimed else text
+
+    def validated(self, round_, acc, ci, best, seconds):
+        self.val_seconds.append(seconds)
+        self.record("val", round=round_, acc=acc, ci95=ci, best=best, seconds=seconds)
+        self.log(f"round {round_:4d} val {acc:.2f} ± {ci:.2f} (best {best:.2f})  {seconds:.0f}s")
+
+    def save_checkpoint(self, trainer):
+        trainer.wall_seconds = self.elapsed()
+        if self.main:
+            save_atomic(trainer.state_dict(), self.last_path)
+
+    def save_best(self, model, state):
+        if self.main:
+            save_atomic({"model": state, "arch": model.arch, "config": dataclasses.asdict(self.cfg)}, self.best_path)
+
+    def tested(self, trainer, test, seconds):
+        acc, ci = test["test_acc"]
+        per_domain = {d: {"acc": a, "ci95": c} for d, (a, c) in test.get("per_domain", {}).items()}
+        self.record("test", round=trainer.round, acc=acc, ci95=ci, tasks=self.cfg.test_tasks, seconds=seconds,
+                    **({"per_domain": per_domain} if per_domain else {}))
+        self.log(f"meta-test ({self.cfg.test_tasks} tasks{' per domain' if per_domain else ''}, seed "
+                 f"{TEST_TASK_SEED}): {acc:.2f} ± {ci:.2f}  {seconds:.0f}s")
+        for d, v in per_domain.items():
+            self.log(f"  {d}: {v['acc']:.2f} ± {v['ci95']:.2f}")
+
+    def save_recovered_grid(self, recovered, real):
+        """recovered.png: per class, GRID_PER_CLASS recovered images, then as many real ones."""
+        if not self.main:
+            return
+        x, y, classes = recovered
+        x, y = x.cpu(), y.cpu()
+        rows = []
+        for local, cls in enumerate(classes):
+            real_imgs = real.images[real.labels == cls][:GRID_PER_CLASS].float() / 255
+            rows.append(list(x[y == local][:GRID_PER_CLASS]) + list(real_imgs))
+        save_grid(os.path.join(self.cfg.out, "recovered.png"), rows)
+
+    def finish(self, trainer, test):
+        cfg, (acc, ci) = self.cfg, test["test_acc"]
+        results = dict(dataset=cfg.dataset, way=cfg.way, shots=cfg.shots, method=cfg.method, ablations=ablations(cfg),
+                       teacher_arch=cfg.teacher_arch, preset=cfg.preset, seed=cfg.seed, device=str(trainer.device),
+                       workers=workers.world_size(), torch_version=torch.__version__,
+                       torch_threads=torch.get_num_threads(), rounds=trainer.round if cfg.method in TRAINED else 0,
+                       test_acc=acc, test_ci95=ci, best_val_acc=trainer.best_val if trainer.best_val >= 0 else None,
+                       wall_seconds=self.elapsed(), resumes=trainer.resumes)
+        if "per_domain" in test:
+            results["per_domain"] = {d: {"test_acc": a, "test_ci95": c} for d, (a, c) in test["per_domain"].items()}
+        if self.main:
+            write_json_atomic(results, os.path.join(cfg.out, "results.json"))
+        self.log(f"results: {os.path.join(cfg.out, 'results.json')}  wall {format_hms(results['wall_seconds'])}")
+        return results
+
+
+def keep_on_resume(record, round_):
+    """A metrics.jsonl record still true after resuming at `round_`: the zoo's, and rounds and validations up to it."""
+    return record["event"] == "zoo" or (record["event"] in ("round", "val") and record["round"] <= round_)
+
+
+def format_hms(seconds):
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_row(row, rounds, elapsed, eta):
+    """One round's line: every column named."""
+    parts = [f"round {row['round']:4d}/{rounds} {row['phase']:7s}"]
+    for key, fmt in [("rec_acc", "teacher acc on recovered {:.3f}"), ("kd_loss", "kd {:.4f}"),
+                     ("replay_batches", "replay {} batches"), ("replay_loss", "loss {:.4f}"),
+                     ("replay_acc", "acc {:.3f}"), ("bank", "bank {} images")]:
+        if key in row:
+            parts.append(fmt.format(row[key]))
+    parts.append(f"{row['seconds']['round']:.1f}s")
+    parts.append(f"elapsed {format_hms(elapsed)} eta {eta}")
+    return " | ".join(parts)
 
 
 def save_atomic(obj, path):
@@ -197,23 +883,19 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def write_json_atomic(obj, path):
+def atomic_text(text, path):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
 
 
-class Log:
-    """One line per event to stdout and to out/log.txt."""
+def write_json_atomic(obj, path):
+    atomic_text(json.dumps(obj, indent=2), path)
 
-    def __init__(self, path):
-        self.path = path
 
-    def __call__(self, msg):
-        print(msg, flush=True)
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
+GRID_PER_CLASS = 8  # recovered.png: images per class shown (recovered, then real)
+GRID_PAD = 2  # recovered.png: pixels between images
 
 
 def save_grid(path, rows):
@@ -231,472 +913,5 @@ def save_grid(path, rows):
     Image.fromarray(arr).save(path)
 
 
-# ------------------------------------------------------------------------ evaluation
-
-
-def use_vmap(cfg, device):
-    """Map tasks with torch.func.vmap: --vmap on / off, or auto = on CUDA only (on the CPU the per-task
-    loop is faster, README "Speed notes"). Both paths compute the same losses (test_run checks a whole run)."""
-    return cfg.vmap == "on" or (cfg.vmap == "auto" and device.type == "cuda")
-
-
-def evaluate(cfg, model, params, split, n_tasks, seed, device, classes=None, chunk=EVAL_CHUNK):
-    """Mean accuracy and 95% CI over n_tasks tasks of `split` sampled with a fixed seed."""
-    g = torch.Generator().manual_seed(seed)
-    vectorize = use_vmap(cfg, device)
-    accs = []
-    for start in range(0, n_tasks, chunk):
-        t = min(chunk, n_tasks - start)
-        x_s, y_s, x_q, y_q = (v.to(device) for v in sample_tasks(split, t, cfg.way, cfg.shots, cfg.query, g, classes))
-        accs.append(maml.meta_test(model, params, x_s, y_s, x_q, y_q, cfg.test_inner_steps, cfg.inner_lr,
-                                   vectorize).cpu())
-    return maml.mean_ci95(torch.cat(accs))
-
-
-def meta_test(cfg, ds, model, params, device):
-    """The single meta-test: test_tasks tasks from TEST_TASK_SEED, or that many per domain when the
-    test classes span several domains (`mix`: 3 x 600); then the mean over domains is reported."""
-    split = ds.splits["test"]
-    domains = sorted({ds.domain_of_class[c] for c in split.classes})
-    if len(domains) == 1:
-        return {"test_acc": evaluate(cfg, model, params, split, cfg.test_tasks, TEST_TASK_SEED, device)}
-    out = {}
-    for d in domains:
-        classes = [c for c in split.classes if ds.domain_of_class[c] == d]
-        out[d] = evaluate(cfg, model, params, split, cfg.test_tasks, TEST_TASK_SEED, device, classes)
-    mean = sum(v[0] for v in out.values()) / len(out)
-    ci = math.sqrt(sum(v[1] ** 2 for v in out.values())) / len(out)  # CI of a mean of independent means
-    return {"test_acc": (mean, ci), "per_domain": out}
-
-
-# ------------------------------------------------------------------------ methods
-
-
-def load_teachers(cfg, ds, device, log):
-    """The teacher zoo of this configuration: trained once, then read from the cache."""
-    settings = dataclasses.replace(paper_settings(cfg.dataset), batch_size=cfg.zoo_batch)
-    if cfg.zoo_epochs is not None:
-        settings.epochs = cfg.zoo_epochs
-    teachers = build_zoo(ds, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset, settings,
-                         cfg.cache, device, log=log)
-    for t in teachers:
-        t.model.requires_grad_(False)
-    return teachers
-
-
-def new_meta_learner(ds, cfg, device):
-    return Conv4(cfg.way, ds.channels, ds.image_size, ds.mean, ds.std, track_running_stats=False).to(device)
-
-
-def average_teachers(model, teachers):
-    """`average` baseline: theta = mean of the conv4 teachers' weights; a freshly initialised head."""
-    same = [t for t in teachers if t.arch == "conv4"]
-    if not same:
-        raise UserError("--method average needs conv4 teachers; this zoo has none (use --teacher-arch conv4 or mix)")
-    state = model.state_dict()
-    for name in state:
-        if not name.startswith("head.") and not name.startswith("normalize."):
-            state[name] = torch.stack([dict(t.model.named_parameters())[name].detach() for t in same]).mean(0)
-    model.load_state_dict(state)
-
-
-class Trainer:
-    """The FREE meta-training loop and its resumable state."""
-
-    def __init__(self, cfg, ds, teachers, device, log):
-        self.cfg, self.ds, self.teachers, self.device, self.log = cfg, ds, teachers, device, log
-        self.model = new_meta_learner(ds, cfg, device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
-        G = Generator(ds.image_size, ds.channels, nf=cfg.nf).to(device)
-        self.meta_gen = recover.MetaGenerator(G, cfg.gen_lr, recover.GEN_BETAS)
-        self.bank = recover.MemoryBank(device=device)
-        self.rng = torch.Generator().manual_seed(cfg.seed)  # teacher choice and replay tasks
-        self.round = 0
-        self.best_val, self.best_state = -1.0, None
-        self.stats = dict(recovery_seconds_total=0.0, recovered_tasks=0, warmup_seconds=0.0, train_seconds=0.0,
-                          train_recovery_seconds=0.0, kd_seconds=0.0, replay_seconds=0.0,
-                          validation_seconds=0.0, validations=0, wall_seconds=0.0, resumes=0)
-        self.last_recovered = []
-
-    # ---- state
-    def state_dict(self):
-        return dict(round=self.round, model=self.model.state_dict(), opt=self.opt.state_dict(),
-                    meta_gen=self.meta_gen.state_dict(), bank=self.bank.state_dict(),
-                    rng=self.rng.get_state(), torch_rng=torch.get_rng_state(),
-                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    best_val=self.best_val, best_state=self.best_state, stats=dict(self.stats),
-                    config=dataclasses.asdict(self.cfg))
-
-    def load_state_dict(self, s):
-        self.round = s["round"]
-        self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["opt"])
-        self.meta_gen.load_state_dict(s["meta_gen"])
-        self.bank.load_state_dict(s["bank"])
-        self.rng.set_state(s["rng"])
-        torch.set_rng_state(s["torch_rng"])
-        if s["cuda_rng"]:
-            torch.cuda.set_rng_state_all(s["cuda_rng"])
-        self.best_val, self.best_state = s["best_val"], s["best_state"]
-        saved = s["stats"]
-        self.stats = dict(self.stats, **saved)  # a stat newer than the checkpoint starts from zero
-        if "wall_seconds" not in saved:  # a checkpoint older than the wall-time record: count its loop time
-            self.stats["wall_seconds"] = saved["warmup_seconds"] + saved["train_seconds"]
-        self.stats["resumes"] += 1
-
-    def rounds_done(self):
-        """(warm-up rounds done, training rounds done)."""
-        return min(self.round, self.cfg.warmup), max(0, self.round - self.cfg.warmup)
-
-    def eta(self):
-        """Seconds left: remaining warm-up and training rounds at their mean times so far."""
-        cfg, st = self.cfg, self.stats
-        warm_done, train_done = self.rounds_done()
-        warm_s = st["warmup_seconds"] / max(1, warm_done)
-        train_s = st["train_seconds"] / train_done if train_done else warm_s
-        return (cfg.warmup - warm_done) * warm_s + (cfg.rounds - cfg.warmup - train_done) * train_s
-
-    # ---- one round
-    def recover(self, teachers, warm):
-        """FIVE: recover one task per teacher (k steps from theta_G, or from scratch), then
-        meta-update theta_G. Returns the recovered tasks."""
-        cfg = self.cfg
-        student = None if warm else (self.model, maml.detached_params(self.model))  # no L_adv in warm-up
-        flip = mirror_invariant(self.ds)
-        tasks = []
-        for t in teachers:
-            if cfg.no_meta_generator:
-                r = recover.recover_from_scratch(t.model, cfg.way, cfg.recover_steps, self.ds.image_size,
-                                                 self.ds.channels, n_per_class=cfg.n_per_class, lr=cfg.gen_lr,
-                                                 student=student, lambda_adv=cfg.lambda_adv, flip=flip, nf=cfg.nf)
-            else:
-                r = recover.recover_task(self.meta_gen.G, t.model, cfg.way, cfg.k, cfg.n_per_class, cfg.gen_lr,
-                                         student=student, lambda_adv=cfg.lambda_adv, flip=flip)
-            tasks.append(r)
-        if not cfg.no_meta_generator:
-            self.meta_gen.meta_update([r.meta_grad for r in tasks])
-        return tasks
-
-    def kd_task(self, r, teacher):
-        """A recovered task as KD sees it: (A(x), Y, M_i(A(x))), teacher and student on the same augmented
-        images, as the authors' code does; (x, Y, M_i(x)) with --no-kd-augment."""
-        if self.cfg.no_kd_augment:
-            return r.x, r.y, r.teacher_logits
-        x = recover.augment(r.x, flip=mirror_invariant(self.ds))
-        with torch.no_grad():
-            return x, r.y, teacher.model(x)
-
-    def replay(self):
-        """Cross-task replay: MAML meta-batches from the memory bank (or, for `maml`, from the real
-        meta-train split) until train accuracy stalls for `replay_patience` meta-batches."""
-        cfg, best, since, losses, accs = self.cfg, -1.0, 0, [], []
-        vectorize = use_vmap(cfg, self.device)
-        if cfg.max_replay == 0 or (cfg.method != "maml" and not self.bank.can_sample(cfg.way, cfg.shots, cfg.query)):
-            return {"replay_batches": 0}  # replay switched off (--max-replay 0), or too few images per class yet
-        for _ in range(cfg.max_replay):
-            if cfg.method == "maml":
-                batch = sample_tasks(self.ds.splits["train"], cfg.meta_batch, cfg.way, cfg.shots, cfg.query, self.rng)
-            else:
-                batch = self.bank.sample_tasks(cfg.meta_batch, cfg.way, cfg.shots, cfg.query, self.rng)
-            x_s, y_s, x_q, y_q = (v.to(self.device) for v in batch)
-            loss, acc = maml.maml_meta_batch_loss(self.model, dict(self.model.named_parameters()), x_s, y_s, x_q,
-                                                  y_q, cfg.train_inner_steps, cfg.inner_lr, cfg.first_order,
-                                                  vectorize)
-            # the one host sync of a meta-batch: the stopping rule needs the accuracy, the NaN guard the loss
-            acc_now, finite = torch.stack([acc.detach(), torch.isfinite(loss.detach()).float()]).tolist()
-            if not finite:
-                check_finite(loss, "MAML replay loss", self.round)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            losses.append(loss.detach())
-            accs.append(acc_now)
-            best, since = (acc_now, 0) if acc_now > best else (best, since + 1)
-            if since >= cfg.replay_patience:
-                break
-        return {"replay_loss": torch.stack(losses).mean().item(), "replay_acc": sum(accs) / len(accs),
-                "replay_batches": len(losses)}
-
-    def step(self):
-        """One round of the paper's algorithm. Returns the values logged for it."""
-        cfg = self.cfg
-        warm = self.round < cfg.warmup
-        row = {"round": self.round + 1, "phase": "warm-up" if warm else "train"}
-        if cfg.method == "free":
-            idx = torch.randperm(len(self.teachers), generator=self.rng)[:cfg.B].tolist()
-            chosen = [self.teachers[i] for i in idx]
-            t0 = time.perf_counter()
-            tasks = self.recover(chosen, warm)
-            secs = time.perf_counter() - t0
-            self.stats["recovery_seconds_total"] += secs
-            self.stats["recovered_tasks"] += len(tasks)
-            row.update(rec_s=secs, rec_acc=sum(r.teacher_acc for r in tasks) / len(tasks))
-            self.last_recovered = [(r.x, r.y, t.classes) for r, t in zip(tasks, chosen)]  # to the CPU once, at the end
-            if warm:
-                return row
-            self.stats["train_recovery_seconds"] += secs
-            t_kd = time.perf_counter()
-            for r, t in zip(tasks, chosen):  # every recovered task; authors' code stores only the last
-                keep = r.teacher_logits.argmax(1) == r.y if cfg.bank_filter == "agree" else slice(None)
-                self.bank.add(r.x[keep], r.y[keep], t.classes)
-            if not cfg.no_kd:  # ablation --no-kd: the meta-learner learns from replay alone
-                kd_tasks = [self.kd_task(r, t) for r, t in zip(tasks, chosen)]
-                g, kd = maml.align_meta_gradient(self.model, maml.detached_params(self.model), kd_tasks, cfg.alpha,
-                                                 cfg.tau, cfg.hard_labels, align=not cfg.no_align,
-                                                 optimizer=cfg.theta_tilde_opt)
-                check_finite(kd, "KD loss (Eq. 3)", self.round)
-                maml.apply_meta_gradient(self.model, self.opt, g)
-                row.update(kd=kd.item())
-            row.update(bank=len(self.bank))
-            self.stats["kd_seconds"] += time.perf_counter() - t_kd
-        elif warm:
-            return row
-        t_replay = time.perf_counter()
-        row.update(self.replay())
-        self.stats["replay_seconds"] += time.perf_counter() - t_replay
-        return row
-
-
-def peak_memory_mb(device):
-    """Peak resident memory of this process (Linux, MB), or peak CUDA memory on a GPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KB on Linux
-
-
-def check_finite(loss, what, round_):
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"round {round_ + 1}: the {what} is {loss.item()}; stopping. last.pt holds the "
-                                 f"state before this round (resume with --resume after fixing the cause)")
-
-
-def format_row(row, elapsed, eta):
-    parts = [f"round {row['round']:4d} {row['phase']:7s}"]
-    for key, fmt in [("rec_acc", "rec_acc {:.3f}"), ("rec_s", "rec {:.2f}s"), ("kd", "kd {:.4f}"),
-                     ("replay_loss", "replay_loss {:.4f}"), ("replay_acc", "replay_acc {:.3f}"),
-                     ("replay_batches", "x{}"), ("bank", "bank {}")]:
-        if key in row:
-            parts.append(fmt.format(row[key]))
-    parts.append(f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
-    return " | ".join(parts)
-
-
-# ------------------------------------------------------------------------ main
-
-
-def check_resume(cfg, out):
-    """Refuse to resume a run of another configuration."""
-    path = os.path.join(out, "config.json")
-    if not os.path.exists(os.path.join(out, "last.pt")):
-        raise UserError(f"--resume: no last.pt in {out}; start without --resume")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--resume: cannot read {path} ({e}); it is written at a run's start: start a new run "
-                        f"in another --out") from e
-    mine = dataclasses.asdict(cfg)
-    saved = {**ADDED_SETTINGS, **saved}
-    diff = [k for k in mine if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
-    if diff:
-        raise UserError(f"--resume: {out} belongs to a different configuration; differing settings: "
-                         + ", ".join(f"{k} (saved {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
-                         + ". Use another --out or the saved settings.")
-
-
-def check_out(cfg):
-    """--out may be resumed only if it holds a run of this configuration, and a run is never overwritten."""
-    if cfg.resume:
-        check_resume(cfg, cfg.out)
-    elif os.path.exists(os.path.join(cfg.out, "last.pt")):
-        raise UserError(f"{cfg.out} already holds a run (last.pt); pass --resume to continue it or pick "
-                        f"another --out")
-
-
-def check_settings(cfg, ds):
-    """Settings the data cannot satisfy, found before anything is written or trained."""
-    needs_zoo = cfg.method in USES_ZOO
-    for name, value in (("--n-teachers", cfg.n_teachers if needs_zoo else 1), ("--B", cfg.B), ("--rounds", cfg.rounds),
-                        ("--val-tasks", cfg.val_tasks), ("--test-tasks", cfg.test_tasks), ("--way", cfg.way)):
-        if value < 1:
-            raise UserError(f"{name} {value}: expected at least 1")
-    least_replay = 1 if cfg.method == "maml" else 0  # maml learns from replay alone
-    if cfg.max_replay < least_replay:
-        raise UserError(f"--max-replay {cfg.max_replay}: expected at least {least_replay} for --method {cfg.method}")
-    splits = ["val", "test"] + (["train"] if needs_zoo or cfg.method == "maml" else [])
-    for s in splits:
-        split = ds.splits[s]
-        if len(split.classes) < cfg.way:
-            raise UserError(f"--way {cfg.way}: the {s} split of {ds.name} has {len(split.classes)} classes; "
-                            f"lower --way")
-        if s == "train" and cfg.method != "maml":
-            continue  # teachers need `way` classes; tasks are sampled from the real train split by maml only
-        fewest = torch.bincount(split.labels)[split.classes].min().item()
-        if fewest < cfg.shots + cfg.query:
-            raise UserError(f"--shots {cfg.shots} + --query {cfg.query}: a class of the {s} split of {ds.name} "
-                            f"has {fewest} images; lower --shots or --query")
-
-
-def open_run(cfg):
-    """Create the --out folder (after every check has passed), write config.json, start log.txt."""
-    os.makedirs(cfg.out, exist_ok=True)
-    write_json_atomic(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
-    return Log(os.path.join(cfg.out, "log.txt"))
-
-
-def save_best(cfg, model, state, path):
-    save_atomic({"model": state, "arch": model.arch, "config": dataclasses.asdict(cfg)}, path)
-
-
-def is_validation_round(cfg, round_):
-    """Meta-validation after every E-th round and after the last, once the warm-up is over."""
-    return round_ > cfg.warmup and (round_ % cfg.eval_every == 0 or round_ == cfg.rounds)
-
-
-def validate(cfg, trainer, best_path):
-    """Meta-validation; the best model so far goes to best.pt."""
-    t0 = time.perf_counter()
-    acc, ci = evaluate(cfg, trainer.model, maml.detached_params(trainer.model), trainer.ds.splits["val"],
-                       cfg.val_tasks, VAL_TASK_SEED, trainer.device)
-    # model selection on meta-validation; authors' code selects on the test split
-    if acc > trainer.best_val:
-        trainer.best_val = acc
-        trainer.best_state = copy.deepcopy(trainer.model.state_dict())
-        save_best(cfg, trainer.model, trainer.best_state, best_path)
-    trainer.stats["validation_seconds"] += time.perf_counter() - t0
-    trainer.stats["validations"] += 1
-    trainer.log(f"round {trainer.round:4d} val {acc:.2f} ± {ci:.2f} (best {trainer.best_val:.2f})")
-
-
-def train(cfg, trainer, t_start, last_path, best_path):
-    """The rounds, with validation and checkpoints. Returns False when Ctrl-C stopped it (last.pt saved)."""
-    log, stop = trainer.log, {"flag": False}
-
-    def on_sigint(signum, frame):
-        if stop["flag"]:
-            raise KeyboardInterrupt
-        stop["flag"] = True
-        print("\ninterrupt: finishing this round, saving last.pt (Ctrl-C again to abort now)", flush=True)
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        t_loop = time.perf_counter()
-        while trainer.round < cfg.rounds:
-            t_round = time.perf_counter()
-            row = trainer.step()
-            trainer.stats["warmup_seconds" if row["phase"] == "warm-up" else "train_seconds"] += \
-                time.perf_counter() - t_round
-            trainer.round += 1
-            eta = trainer.eta()
-            log(format_row(row, time.perf_counter() - t_loop, eta))
-            if (trainer.device.type == "cpu" and cfg.preset == "paper"
-                    and trainer.round == min(cfg.rounds, cfg.warmup + PROJECTION_ROUNDS)):
-                log(f"projected time on this CPU for the remaining {cfg.rounds - trainer.round} rounds: "
-                    f"{eta / 3600:.1f} h (--preset quick is a shorter run: README 'Presets')")
-            validated = is_validation_round(cfg, trainer.round)
-            if validated:
-                validate(cfg, trainer, best_path)
-            if validated or trainer.round % cfg.save_every == 0 or stop["flag"]:
-                trainer.stats["wall_seconds"] = time.perf_counter() - t_start
-                save_atomic(trainer.state_dict(), last_path)
-            if stop["flag"]:
-                log(f"stopped at round {trainer.round}; continue with the same command and --resume")
-                return False
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-    return True
-
-
-def save_recovered_grid(path, recovered, real):
-    """recovered.png: per class, GRID_PER_CLASS recovered images, then as many real ones."""
-    x, y, classes = recovered
-    x, y = x.cpu(), y.cpu()
-    rows = []
-    for local, cls in enumerate(classes):
-        real_imgs = real.images[real.labels == cls][:GRID_PER_CLASS].float() / 255
-        rows.append(list(x[y == local][:GRID_PER_CLASS]) + list(real_imgs))
-    save_grid(path, rows)
-
-
-def collect_results(cfg, trainer, test, wall_seconds):
-    st, (warm_done, train_done) = trainer.stats, trainer.rounds_done()
-    acc, ci = test["test_acc"]
-    results = dict(dataset=cfg.dataset, way=cfg.way, shots=cfg.shots, method=cfg.method, ablations=ablations(cfg),
-                   teacher_arch=cfg.teacher_arch, preset=cfg.preset, seed=cfg.seed, device=str(trainer.device),
-                   rounds=trainer.round, torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
-                   test_acc=acc, test_ci95=ci,
-                   best_val_acc=trainer.best_val if trainer.best_val >= 0 else None,
-                   recovery_seconds_total=st["recovery_seconds_total"],
-                   recovery_seconds_per_task=st["recovery_seconds_total"] / max(1, st["recovered_tasks"]),
-                   wall_seconds=wall_seconds, resumes=st["resumes"], peak_memory_mb=peak_memory_mb(trainer.device),
-                   seconds_per_warmup_round=st["warmup_seconds"] / max(1, warm_done),
-                   seconds_per_round=st["train_seconds"] / max(1, train_done),
-                   # where a training round's time goes: recovery (FIVE), memory bank + KD + Eq. (3), MAML replay
-                   seconds_per_round_recovery=st["train_recovery_seconds"] / max(1, train_done),
-                   seconds_per_round_kd=st["kd_seconds"] / max(1, train_done),
-                   seconds_per_round_replay=st["replay_seconds"] / max(1, train_done),
-                   seconds_per_validation=st["validation_seconds"] / max(1, st["validations"]),
-                   test_seconds=test["seconds"])
-    if "per_domain" in test:
-        results["per_domain"] = {d: {"test_acc": a, "test_ci95": c} for d, (a, c) in test["per_domain"].items()}
-    return results
-
-
-def main(argv=None):
-    cfg = parse_args(argv)
-    device = pick_device(cfg.device)
-    check_out(cfg)
-    t_start = time.perf_counter()
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.mirror, seed=cfg.seed)
-    check_settings(cfg, ds)  # a failed start writes nothing: the same command runs once the cause is fixed
-    log = open_run(cfg)
-    log(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}")
-    log("config: " + json.dumps(dataclasses.asdict(cfg)))
-    log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
-        f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
-    teachers = load_teachers(cfg, ds, device, log) if cfg.method in USES_ZOO else []
-    set_seed(cfg.seed)  # the zoo may be cached or trained: start the run's randomness from here
-
-    trainer = Trainer(cfg, ds, teachers, device, log)
-    last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
-    if cfg.resume:
-        trainer.load_state_dict(load_checkpoint(last_path, UserError, "--resume:", "it is written atomically, so it "
-                                                "was changed outside free.py: start a new run in another --out"))
-        log(f"resumed from {last_path} at round {trainer.round}")
-        t_start -= trainer.stats["wall_seconds"]  # wall time counts every process of the run
-    if cfg.method == "average":
-        average_teachers(trainer.model, teachers)
-    if cfg.method not in TRAINED:  # untrained baselines: one meta-validation, comparable with FREE's
-        validate(cfg, trainer, best_path)
-    if cfg.method in TRAINED and not train(cfg, trainer, t_start, last_path, best_path):
-        return None  # stopped by Ctrl-C
-
-    # ---- the single meta-test
-    model = trainer.model
-    if trainer.best_state is not None:
-        model.load_state_dict(trainer.best_state)
-    elif not os.path.exists(best_path):
-        save_best(cfg, model, model.state_dict(), best_path)
-    t_test = time.perf_counter()
-    test = meta_test(cfg, ds, model, maml.detached_params(model), device)
-    test["seconds"] = time.perf_counter() - t_test
-    acc, ci = test["test_acc"]
-    log(f"meta-test ({cfg.test_tasks} tasks{' per domain' if 'per_domain' in test else ''}, seed {TEST_TASK_SEED}): "
-        f"{acc:.2f} ± {ci:.2f}")
-    for d, (a, c) in test.get("per_domain", {}).items():
-        log(f"  {d}: {a:.2f} ± {c:.2f}")
-    if trainer.last_recovered:
-        save_recovered_grid(os.path.join(cfg.out, "recovered.png"), trainer.last_recovered[-1], ds.splits["train"])
-
-    results = collect_results(cfg, trainer, test, time.perf_counter() - t_start)
-    write_json_atomic(results, os.path.join(cfg.out, "results.json"))
-    log(f"results: {os.path.join(cfg.out, 'results.json')}  wall {results['wall_seconds']:.0f}s")
-    return results
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, FloatingPointError) as e:  # errors a user can cause or fix: one line, exit status 1
-        sys.exit(f"error: {e}")
+    sys.exit(cli())

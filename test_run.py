@@ -18,9 +18,8 @@ import recover
 from data import load_dataset
 
 RESULT_KEYS = {"dataset", "way", "shots", "method", "ablations", "teacher_arch", "preset", "seed", "device",
-               "rounds", "torch_version", "torch_threads", "resumes", "test_acc", "test_ci95", "best_val_acc",
-               "recovery_seconds_total", "recovery_seconds_per_task", "wall_seconds", "seconds_per_validation",
-               "test_seconds"}
+               "workers", "rounds", "torch_version", "torch_threads", "resumes", "test_acc", "test_ci95", "best_val_acc",
+               "wall_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +47,29 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     model = free.Conv4(**best["arch"])
     model.load_state_dict(best["model"])
     assert json.load(open(tmp_path / "config.json"))["preset"] == "smoke"
-    log = open(tmp_path / "log.txt").read()
+    records = metrics(tmp_path)
+    rounds = [r for r in records if r["event"] == "round"]
     replayed = res["method"] in free.TRAINED and "--max-replay" not in extra
     # MAML replay ran (from the memory bank, or real data for maml), or did not with --max-replay 0
-    assert ("replay_acc" in log) == replayed
+    assert any("replay_acc" in r for r in rounds) == replayed
     distilled = res["method"] == "free" and "--no-kd" not in extra  # KD + Eq. (3) ran, or did not with --no-kd
-    assert ("| kd " in log) == distilled
+    assert any("kd_loss" in r for r in rounds) == distilled
     assert res["best_val_acc"] is not None  # every method has a meta-validation accuracy to compare on
+    assert [r["event"] for r in records if r["event"] in ("val", "test")][-1] == "test"
+    assert records[-1]["acc"] == res["test_acc"]
+    if res["method"] in free.TRAINED:
+        # maml has no meta-generator to warm up: it replays from the first round after FREE's warm-up
+        first = 1 if res["method"] == "free" else free.PRESETS["smoke"]["warmup"] + 1
+        assert [r["round"] for r in rounds] == list(range(first, 4))
+        assert all(r["seconds"]["round"] > 0 for r in rounds)
     if res["method"] == "free":
-        assert (tmp_path / "recovered.png").exists() and res["recovery_seconds_total"] > 0
+        assert (tmp_path / "recovered.png").exists() and all(r["seconds"]["recovery"] > 0 for r in rounds)
         assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 3
+
+
+def metrics(out):
+    """The run's metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
 def test_l_adv_is_off_in_warm_up_and_on_after(tmp_path, cache, monkeypatch):
@@ -84,7 +96,7 @@ def test_resume_gives_the_same_parameters_and_results(tmp_path, cache):
     assert first["rounds"] == 2
     # wall time counts every process: pretend the first one had taken PRIOR seconds
     ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    ckpt["stats"]["wall_seconds"] = PRIOR = 1000.0
+    ckpt["wall_seconds"] = PRIOR = 1000.0
     torch.save(ckpt, tmp_path / "b" / "last.pt")
     t0 = time.perf_counter()
     resumed = run(tmp_path / "b", cache, "--rounds", "4", "--resume")
@@ -92,6 +104,11 @@ def test_resume_gives_the_same_parameters_and_results(tmp_path, cache):
     assert (straight["resumes"], first["resumes"], resumed["resumes"]) == (0, 0, 1)
     for key in ("test_acc", "test_ci95", "best_val_acc", "rounds"):
         assert straight[key] == resumed[key], key
+    # metrics.jsonl of the resumed run is one history: the records of the straight run, round for round
+    drop = ("seconds", "elapsed")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in metrics(tmp_path / "b") if r["event"] != "zoo"] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in metrics(tmp_path / "a") if r["event"] != "zoo"]
+    assert [r for r in metrics(tmp_path / "b") if r["event"] == "round"][-1]["elapsed"] > PRIOR
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     for part in ("model", "meta_gen"):
@@ -128,7 +145,8 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, cache, monkeypatch):
         return row
 
     monkeypatch.setattr(free.Trainer, "step", step_then_interrupt)
-    assert run(tmp_path, cache) is None
+    assert free.cli(["--dataset", "synthetic", "--preset", "smoke", "--device", "cpu", "--out", str(tmp_path),
+                     "--cache", cache, "--data-root", str(tmp_path)]) == 130
     assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 2
     monkeypatch.setattr(free.Trainer, "step", step)
     assert run(tmp_path, cache, "--resume")["rounds"] == 3
@@ -143,22 +161,14 @@ def test_resume_refuses_a_different_configuration(tmp_path, cache):
     assert os.path.exists(tmp_path / "last.pt")
 
 
-def test_resume_reads_a_setting_added_later_as_the_behaviour_the_run_had(tmp_path):
-    """A config.json written before a setting existed resumes when the setting has the value that
-    reproduces the saved run (free.ADDED_SETTINGS), and is refused for any other value or setting."""
-    cfg = free.parse_args(["--dataset", "synthetic", "--preset", "smoke", "--out", str(tmp_path), "--resume"])
-    (tmp_path / "last.pt").write_bytes(b"")
-    saved = free.dataclasses.asdict(cfg)
-    for key in (*free.ADDED_SETTINGS, "bank_filter"):
-        del saved[key]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(free.UserError, match=r"differing settings: bank_filter \(saved None, now 'all'\)\. "):
-        free.check_resume(cfg, str(tmp_path))  # a setting missing from ADDED_SETTINGS still differs
-    saved["bank_filter"] = cfg.bank_filter
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    free.check_resume(cfg, str(tmp_path))  # no_kd missing: the run had KD, as --no-kd off has
-    with pytest.raises(free.UserError, match=r"no_kd \(saved False, now True\)"):
-        free.check_resume(free.dataclasses.replace(cfg, no_kd=True), str(tmp_path))
+def test_resume_starts_a_missing_run_and_reports_a_finished_one(tmp_path, cache, monkeypatch):
+    """--resume on an empty --out starts the run; on a finished run of as many rounds it returns the
+    results without any work (so a sweep's commands can be rerun as they are)."""
+    first = run(tmp_path, cache, "--resume")
+    assert first["rounds"] == 3 and first["resumes"] == 0
+    monkeypatch.setattr(free.Trainer, "step", lambda self: pytest.fail("a finished run trained again"))
+    monkeypatch.setattr(free, "load_dataset", lambda *a, **k: pytest.fail("a finished run loaded its data"))
+    assert run(tmp_path, cache, "--resume") == first
 
 
 def test_multi_domain_meta_test_reports_each_domain_and_their_mean(tmp_path, monkeypatch):
@@ -214,7 +224,6 @@ USER_ERRORS = {  # case: (extra free.py arguments, setup of the folder, what the
     "maml without replay": (["--dataset", "synthetic", "--method", "maml", "--max-replay", "0"], None,
                             "--max-replay 0: expected at least 1 for --method maml"),
     "shots too large": (["--dataset", "synthetic", "--shots", "5", "--query", "100"], None, "lower --shots"),
-    "resume of a missing run": (["--dataset", "synthetic", "--resume"], None, "no last.pt"),
     "resume of a foreign run": (["--dataset", "synthetic", "--resume"], lambda p: foreign_run(p / "run"),
                                 "belongs to a different configuration"),
     "cuda without cuda": (["--dataset", "synthetic", "--device", "cuda"], None, "no CUDA device"),
@@ -246,26 +255,130 @@ def test_the_same_command_runs_after_a_failed_start(tmp_path, cache):
     assert run(tmp_path / "r", cache)["rounds"] == 3
 
 
-def logged_losses(out):
-    """Every kd / replay_loss value of log.txt, in order."""
-    return [float(v) for line in open(out / "log.txt") for v in re.findall(r"(?:kd|replay_loss) (-?[\d.]+)", line)]
+# every Config field with a value that must be refused before any work: (flag value(s), what the line says)
+BAD_SETTINGS = {**{name: ([str(least - 1)], f"expected at least {least}") for name, least in free.AT_LEAST.items()},
+                **{name: (["0"], "expected a finite number > 0") for name in free.POSITIVE},
+                **{name: (["-1"], "expected a finite number >= 0") for name in free.NON_NEGATIVE},
+                "alpha": (["nan"], "expected a finite number > 0"),
+                "out": (["/proc/x"], "is a kernel file system"), "data_root": (["/proc/x"], "is a kernel file system"),
+                "cache": (["/proc/x"], "is a kernel file system"), "mirror": (["ftp://x"], "an http:// or https://"),
+                "B": (["4", "--n-teachers", "3"], "lower --B"), "warmup": (["3", "--rounds", "3"], "--rounds > --warmup"),
+                "meta_batch": (["1", "--workers", "2"], "at most --meta-batch workers"),
+                "zoo_epochs": (["0"], "expected at least 1"),
+                **{name: (["nosuch"], "invalid choice") for name in ("dataset", "method", "theta_tilde_opt", "bank_filter",
+                                                                      "teacher_arch", "preset", "device", "vmap")},
+                "shots": (["2"], "invalid choice")}
+NO_BAD_VALUE = {f.name for f in free.fields(free.Config) if f.type is bool}  # a switch is on or off
 
 
-def test_vmapped_run_matches_the_per_task_loop(tmp_path, cache, monkeypatch):
-    """The CUDA code path on the CPU: a whole smoke run (warm-up, then a training round with KD, Eq. (3)
-    and replay, validation, meta-test) with --vmap on, i.e. replay meta-batches and meta-test chunks
-    mapped with torch.func.vmap, logs the same losses and reaches the same accuracies as --vmap off.
-    One training round: float32 rounding differences between the paths (1e-4 relative, see
-    test_free.test_vmapped_meta_batch_matches_per_task_loop) would grow round after round through Adam."""
-    seen, use_vmap = [], free.use_vmap
-    monkeypatch.setattr(free, "use_vmap", lambda cfg, device: seen.append(use_vmap(cfg, device)) or seen[-1])
-    on = run(tmp_path / "on", cache, "--vmap", "on", "--rounds", "2")
-    off = run(tmp_path / "off", cache, "--vmap", "off", "--rounds", "2")
-    assert True in seen and False in seen  # both paths really ran
-    l_on, l_off = logged_losses(tmp_path / "on"), logged_losses(tmp_path / "off")
-    assert len(l_on) == len(l_off) == 2  # KD and replay of the training round
-    assert l_on == pytest.approx(l_off, abs=2e-4)  # logged with 4 decimals
+@pytest.mark.parametrize("name", sorted(BAD_SETTINGS))
+def test_every_bad_setting_is_one_error_line_before_any_work(tmp_path, name, capsys, monkeypatch):
+    """A walk over every Config field (the assert below keeps it complete): a bad value ends in one
+    `error:` line naming the flag, exit status 1 (2 for argparse's own checks), and no run folder."""
+    assert set(BAD_SETTINGS) | NO_BAD_VALUE == {f.name for f in free.fields(free.Config)}
+    monkeypatch.setattr(free, "load_dataset", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(free.workers, "available", lambda device_type: 2)  # --workers 2 fits, as on this CPU
+    value, says = BAD_SETTINGS[name]
+    out = tmp_path / "run"
+    argv = ["--dataset", "synthetic", "--preset", "smoke", "--out", str(out), "--cache", str(tmp_path / "c"),
+            "--data-root", str(tmp_path / "d"), free.flag(name), *value]
+    try:
+        status = free.cli(argv)
+    except SystemExit as e:  # argparse's choices and types
+        status = e.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status in (1, 2) and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert free.flag(name) in lines[0] or status == 2
+    assert not out.exists()
+
+
+def test_workers_beyond_the_cores_are_refused(tmp_path, capsys):
+    have = free.workers.available("cpu")
+    status = free.cli(["--dataset", "synthetic", "--preset", "smoke", "--device", "cpu", "--meta-batch", "64",
+                       "--workers", str(have + 1), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 1 and f"this machine has {have} CPU cores" in err and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- Ctrl-C in every phase
+
+
+def interrupt_once(monkeypatch, module, name):
+    """Replace module.name by a version that sends this process SIGINT (as Ctrl-C does) once its first call is done."""
+    real, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def cli_run(out, cache, *extra):
+    return free.cli(["--dataset", "synthetic", "--preset", "smoke", "--device", "cpu", "--out", str(out),
+                     "--cache", cache, "--data-root", str(out), *extra])
+
+
+def test_ctrl_c_in_zoo_training_keeps_the_trained_teachers(tmp_path, capsys, monkeypatch):
+    import zoo
+    interrupt_once(monkeypatch, zoo, "atomic_write")  # once the first teacher is saved
+    cache = str(tmp_path / "cache")
+    assert cli_run(tmp_path / "r", cache) == 130
+    assert "interrupted: the cached teachers" in capsys.readouterr().err
+    saved = list((tmp_path / "cache").rglob("teacher_*.pt"))
+    assert len(saved) == 1
+    trained = []
+    monkeypatch.setattr(zoo, "fit_teacher", lambda *a, real=zoo.fit_teacher: trained.append(a) or real(*a))
+    assert cli_run(tmp_path / "r", cache) == 0  # the same command: only the two missing teachers train
+    assert len(trained) == 2
+
+
+def test_ctrl_c_in_validation_finishes_it_saves_and_resumes(tmp_path, cache, monkeypatch):
+    interrupt_once(monkeypatch, free.maml, "meta_test")  # in the round-2 meta-validation
+    assert cli_run(tmp_path, cache) == 130
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 2
+    assert [r["round"] for r in metrics(tmp_path) if r["event"] == "val"] == [2]  # the validation was finished
+    monkeypatch.undo()
+    assert cli_run(tmp_path, cache, "--resume") == 0
+    assert [r["round"] for r in metrics(tmp_path) if r["event"] == "val"] == [2, 3]
+
+
+def test_ctrl_c_in_the_meta_test_keeps_the_trained_run(tmp_path, cache, monkeypatch):
+    interrupt_once(monkeypatch, free, "meta_test")
+    assert cli_run(tmp_path, cache) == 130
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 3
+    monkeypatch.setattr(free.Trainer, "step", lambda self: pytest.fail("a trained run trained again"))
+    assert cli_run(tmp_path, cache, "--resume") == 0
+    assert metrics(tmp_path)[-1]["event"] == "test"
+
+
+# ---------------------------------------------------------------- workers
+
+
+def test_two_workers_compute_what_one_process_computes(tmp_path, cache):
+    """--workers 2 (two processes, gloo, one thread each) against one process on one thread: the same
+    losses round by round up to float summation order, the same accuracies up to a query whose argmax
+    the rounding flips; then a resumed 2-worker run carries on."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run(tmp_path / "one", cache)
+    finally:
+        torch.set_num_threads(threads)
+    two = run(tmp_path / "two", cache, "--workers", "2")
+    assert two["workers"] == 2 and one["workers"] == 1
+    pick = ("rec_acc", "kd_loss", "replay_loss", "replay_acc", "bank")
+    a = [[r.get(k) for k in pick] for r in metrics(tmp_path / "one") if r["event"] == "round"]
+    b = [[r.get(k) for k in pick] for r in metrics(tmp_path / "two") if r["event"] == "round"]
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert rb == pytest.approx(ra, rel=1e-4, abs=1e-5)
     smoke = free.PRESETS["smoke"]
-    queries = min(smoke["val_tasks"], smoke["test_tasks"]) * free.Config.way * free.Config.query  # 450
-    for key in ("best_val_acc", "test_acc"):  # equal, up to one query whose argmax the rounding flips
-        assert on[key] == pytest.approx(off[key], abs=100 / queries + 1e-6), key
+    queries = min(smoke["val_tasks"], smoke["test_tasks"]) * free.Config.way * free.Config.query
+    for key in ("best_val_acc", "test_acc"):
+        assert two[key] == pytest.approx(one[key], abs=100 / queries + 1e-6), key
+    more = run(tmp_path / "two", cache, "--workers", "2", "--rounds", "4", "--resume")
+    assert more["rounds"] == 4 and more["resumes"] == 1

@@ -263,9 +263,10 @@ def teacher_from_checkpoint(ckpt, index, device):
                    float(ckpt["acc"]), index)
 
 
-def build_zoo(dataset, arch, n, way, seed, preset, settings, cache_root, device, log=None):
+def build_zoo(dataset, arch, n, way, seed, preset, settings, cache_root, device, log=None, indices=None):
     """Build (or load from cache) `n` `way`-way teachers of `arch` on `dataset`'s meta-train split.
-    `log` (a callable taking one string) receives one line per teacher and a summary."""
+    `indices` (default: all n) limits this call to some of them (a worker's share). `log` (a callable taking
+    one string) receives one line per teacher, with the time left to train the rest, and a summary."""
     if arch not in ZOO_ARCHS:
         raise ValueError(f"unknown zoo architecture {arch!r}; expected one of {ZOO_ARCHS}")
     log = log or (lambda line: None)
@@ -273,25 +274,36 @@ def build_zoo(dataset, arch, n, way, seed, preset, settings, cache_root, device,
     folder = zoo_dir(cache_root, dataset.name, arch, n, way, seed, preset)
     folder.mkdir(parents=True, exist_ok=True)
     check_manifest(folder, settings)
-    teachers, entries, n_cached, start = [], [], 0, time.time()
-    for i in range(n):
+    indices = range(n) if indices is None else indices
+    todo = [i for i in indices if not teacher_path(folder, i).is_file()]  # to train; the rest is cached
+    teachers, entries, trained_seconds, start = [], [], 0.0, time.time()
+    for i in indices:
         t0, path = time.time(), teacher_path(folder, i)
-        cached = path.is_file()
+        cached = i not in todo
         if cached:
             ckpt = load_checkpoint(path, DataError, "teacher file", "expected a checkpoint written by zoo.py; delete "
                                    "it and run again to retrain it")
             check_classes(ckpt, dataset, way, seed, i, path)
-            n_cached += 1
+            how = "cached"
         else:
             ckpt = fit_teacher(dataset, arch, way, seed, i, settings, device)
             atomic_write(path, lambda f: torch.save(ckpt, f))
+            trained_seconds += time.time() - t0
+            done = todo.index(i) + 1
+            left = trained_seconds / done * (len(todo) - done)  # the teachers still to train, at the mean time so far
+            how = f"trained in {time.time() - t0:.1f}s, {done}/{len(todo)} to train, {format_minutes(left)} left"
         teachers.append(teacher_from_checkpoint(ckpt, i, device))
         entries.append({"index": i, "file": path.name, "arch": ckpt["arch"],
                         "classes": list(ckpt["classes"]), "acc": float(ckpt["acc"])})
-        write_manifest(folder, settings, entries)
-        log(f"teacher {i:3d}/{n} {ckpt['arch']:8s} classes {list(ckpt['classes'])} held-out acc "
-            f"{ckpt['acc']:.3f} {'cached' if cached else f'{time.time() - t0:.1f}s'}")
-    mean_acc = sum(t.acc for t in teachers) / max(n, 1)
-    log(f"zoo {folder.name}: {n} teachers ({n - n_cached} trained, {n_cached} cached), mean "
-        f"held-out acc {mean_acc:.3f}, {time.time() - start:.1f}s")
+        if len(indices) == n:  # a worker's share leaves the manifest to the full pass that follows
+            write_manifest(folder, settings, entries)
+        log(f"teacher {i + 1:3d}/{n} {ckpt['arch']:8s} classes {list(ckpt['classes'])} held-out acc "
+            f"{ckpt['acc']:.3f} {how}")
+    mean_acc = sum(t.acc for t in teachers) / max(len(teachers), 1)
+    log(f"zoo {folder.name}: {len(teachers)} teachers ({len(todo)} trained, {len(teachers) - len(todo)} cached), "
+        f"mean held-out acc {mean_acc:.3f}, {time.time() - start:.1f}s")
     return teachers
+
+
+def format_minutes(seconds):
+    return f"{seconds:.0f}s" if seconds < 60 else f"{seconds / 60:.1f} min"
