@@ -16,14 +16,42 @@ architecture in (c) solves the same task, and panels share teachers through the 
 
 Ours, not the authors': heatmaps are drawn with Pillow (no matplotlib), the numbers go to CSV, and
 a shaded text version is printed; presets and the probe size are our choices.
+
+Command: every flag is checked before anything is loaded, written or trained; a bad value ends as
+one `error: ...` line (status 2 from argparse, 1 from the checks). Ctrl-C ends as one line, status
+130; teachers already trained stay in the zoo cache, so the same command continues.
 """
 import argparse
 import csv
 import json
 import os
+import signal
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
+
+INTERRUPTED = "interrupted; cached teachers are kept, rerun the same command to continue"
+
+
+def exit_on_interrupt(signum, frame):
+    """SIGINT handler of the command: one line on stderr and exit status 130 (128 + SIGINT), no
+    traceback. SystemExit still runs `finally` blocks (zoo.py's atomic writes drop their temp
+    file); a second Ctrl-C while they (or the interpreter's shutdown) run ends it at once."""
+    signal.signal(signal.SIGINT, exit_now)
+    os.write(sys.stderr.fileno(), f"{INTERRUPTED}\n".encode())  # unbuffered: safe inside a print
+    raise SystemExit(130)
+
+
+def exit_now(signum, frame):
+    """The second Ctrl-C: exit status 130 without cleanup, and without a second line."""
+    os._exit(130)
+
+
+# installed before the imports below (torch takes about a second), so Ctrl-C in them ends alike;
+# left alone where SIGINT is ignored (a background job of a shell script)
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, exit_on_interrupt)
 
 import numpy as np
 import torch
@@ -31,6 +59,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+from data import UserError
 from free import pick_device, set_seed
 from zoo import ZooSettings, build_zoo
 
@@ -191,18 +220,84 @@ def write_csv(matrix, labels, path):
 
 
 # ----------------------------------------------------------------------------- command (Fig. 1)
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Supplement Figure 1: linear CKA between teachers")
-    p.add_argument("--dataset", default="omniglot", help="data set of the probe, panels (a), (c)")
-    p.add_argument("--data-root", required=True, help="folder with the data set's files")
-    p.add_argument("--out", default="cka_out", help="output folder for cka_{a,b,c}.png/.csv")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+# --seed: torch.Generator.manual_seed takes at most 2^64 - 1, zoo.py's numpy default_rng no seed < 0
+SEED_MAX = 2 ** 64 - 1
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error: ...` line on stderr (exit status 2), like every
+    other error of the command; --help is unchanged."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see python {self.prog} --help\n")
+
+
+def make_parser():
+    p = Parser(description="Supplement Figure 1: linear CKA between teachers")
+    p.add_argument("--dataset", default="omniglot", choices=data.DATASETS,
+                   help="data set of the probe, panels (a), (c) (default: omniglot)")
+    p.add_argument("--data-root", required=True,
+                   help="folder with the data set's files (Omniglot, CIFAR-FS and CUB are "
+                        "downloaded into it when absent)")
+    p.add_argument("--out", default="cka_out",
+                   help="output folder for cka_{a,b,c}.png/.csv (default: cka_out)")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="teachers per panel, probe images, zoo epochs: " + "; ".join(
+                       f"{k} {v['teachers']}, {v['probe']}, {v['epochs'] or ZooSettings.epochs}"
+                       for k, v in PRESETS.items()) + " (default: quick)")
     p.add_argument("--teachers", type=int, default=None,
-                   help="teachers per panel, split evenly over its groups (default: preset)")
-    p.add_argument("--seed", type=int, default=0, help="zoo seed and probe draw")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--cache", default="cache", help="zoo cache root (zoo.py adds zoo/<name>/)")
-    return p.parse_args(argv)
+                   help="teachers per panel, at least 1, split evenly over its groups "
+                        "(default: preset)")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"zoo seed and probe draw, 0 to {SEED_MAX} (default: 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda if available, else cpu (default: auto)")
+    p.add_argument("--cache", default="cache",
+                   help="zoo cache root; zoo.py adds zoo/<name>/ (default: cache)")
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
+
+
+def nearest_existing(path):
+    """`path` itself or its closest ancestor that exists (a relative path ends at the cwd)."""
+    return next(q for q in (path, *path.parents) if q.exists())
+
+
+def check_folder(flag, value, write):
+    """The folder `value` of `flag` is usable: it, or its nearest existing ancestor, is a folder and,
+    if `write`, a folder can be made in it (a probe folder is made and removed at once; `value`
+    itself is not created). Raises UserError saying what was found and what to do."""
+    if not value:
+        raise UserError(f"{flag}: expected a folder, found an empty string; pass a folder name")
+    path = Path(value)
+    base = nearest_existing(path)
+    if not base.is_dir():
+        raise UserError(f"{flag} {value}: expected a folder, found a file at {base}; "
+                        f"pass another {flag}")
+    if write:
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=base, prefix=".cka-write-test-"))
+        except OSError as e:
+            raise UserError(f"{flag} {value}: expected a folder that can be written, but a folder "
+                            f"cannot be made in {base} ({e.strerror}); pass another {flag} or fix "
+                            f"its permissions") from e
+
+
+def check_args(args):
+    """Every value the parser cannot check, before anything is loaded, written or trained."""
+    if args.teachers is not None and args.teachers < 1:
+        raise UserError(f"--teachers {args.teachers}: expected at least 1 teacher per panel; pass a "
+                        f"positive count, or leave it unset for the preset's "
+                        f"{PRESETS[args.preset]['teachers']}")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UserError(f"--seed {args.seed}: expected an integer from 0 to {SEED_MAX}; pass a seed "
+                        f"in that range")
+    check_folder("--data-root", args.data_root, write=False)  # read-only data is fine when present
+    check_folder("--out", args.out, write=True)
+    check_folder("--cache", args.cache, write=True)
 
 
 def make_probe(dataset, n, seed):
@@ -292,9 +387,10 @@ def draw_panel(key, zoo, labels, title, probe, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
+    device = str(pick_device(args.device))  # UserError for --device cuda without CUDA
     preset = PRESETS[args.preset]
     n = args.teachers or preset["teachers"]
-    device = str(pick_device(args.device))
     settings = ZooSettings() if preset["epochs"] is None else ZooSettings(epochs=preset["epochs"],
                                                                           batch_size=preset["batch"])
     config = dict(vars(args), teachers_per_panel=n, probe=preset["probe"], zoo=asdict(settings))
@@ -314,5 +410,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except data.UserError as e:  # errors a user can cause or fix: one line, exit status 1
+    except UserError as e:  # errors a user can cause or fix: one line, exit status 1
         sys.exit(f"error: {e}")
