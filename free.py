@@ -38,7 +38,7 @@ import recover
 import workers
 from data import DATASETS, UserError, load_dataset, sample_tasks
 from models import ARCHS, Conv4, Generator
-from zoo import QUICK_SETTINGS, build_zoo, load_checkpoint, mirror_invariant, paper_settings
+from zoo import QUICK_SETTINGS, build_zoo, load_checkpoint, mirror_invariant, paper_settings, teacher_path, zoo_dir
 
 METHODS = ("free", "random", "average", "maml")
 TRAINED = ("free", "maml")  # methods that meta-train for `rounds`; random and average are evaluated as they start
@@ -453,7 +453,7 @@ def run_method(cfg):
     run.log("config: " + json.dumps(dataclasses.asdict(cfg)))
     run.log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
             f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
-    teachers = run.zoo(lambda: load_teachers(cfg, ds, device, run.log)) if cfg.method in USES_ZOO else []
+    teachers = run.zoo(cfg, ds, lambda: load_teachers(cfg, ds, device, run.log)) if cfg.method in USES_ZOO else []
     set_seed(cfg.seed)  # the zoo may be cached or trained: start the run's randomness from here
 
     trainer = Trainer(cfg, ds, teachers, device, run.log)
@@ -751,11 +751,14 @@ class Run:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"event": event, **values}) + "\n")
 
-    def zoo(self, load):
+    def zoo(self, cfg, ds, load):
+        """The teacher zoo, loaded (and trained where not cached) by load(), and its record."""
+        folder = zoo_dir(cfg.cache, ds.name, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset)
+        cached = sum(teacher_path(folder, i).is_file() for i in range(cfg.n_teachers))
         t0 = time.perf_counter()
         teachers = load()
-        self.record("zoo", teachers=len(teachers), seconds=time.perf_counter() - t0,
-                    held_out_acc=sum(t.acc for t in teachers) / len(teachers))
+        self.record("zoo", teachers=len(teachers), trained=len(teachers) - cached, cached=cached,
+                    seconds=time.perf_counter() - t0, held_out_acc=sum(t.acc for t in teachers) / len(teachers))
         return teachers
 
     def resumed(self, trainer):
