@@ -150,7 +150,7 @@ class Trainer:
         if cfg.method == "free":
             teachers = self.sample_teachers()  # B teachers of the zoo
             with self.timer("recovery"):
-                tasks = self.five(teachers, student=not warm)  # FIVE: k steps of Eq. (1) each, then theta_G's update
+                tasks = self.five(teachers, adversarial=not warm)  # FIVE: k steps of Eq. (1) each, then theta_G's update
             row["rec_acc"] = sum(t.teacher_acc for t in tasks) / len(tasks)
             if warm:
                 return row  # warm-up: the meta-generator alone; nothing stored, no L_adv
@@ -167,12 +167,12 @@ class Trainer:
         idx = torch.randperm(len(self.teachers), generator=self.rng)[:self.cfg.B].tolist()
         return [self.teachers[i] for i in idx]
 
-    def five(self, teachers, student):
+    def five(self, teachers, adversarial):
         """FIVE (paper §3.2): recover one task per teacher, k evaluations of Eq. (1) from theta_G (or
         from scratch), then meta-update theta_G with the mean first-order meta-gradient. L_adv needs the
-        meta-learner (`student`), off during warm-up. Each worker recovers its share of the teachers."""
+        meta-learner (`adversarial`), off during warm-up. Each worker recovers its share of the teachers."""
         cfg = self.cfg
-        meta_learner = (self.model, maml.detached_params(self.model)) if student else None
+        meta_learner = (self.model, maml.detached_params(self.model)) if adversarial else None
         flip = mirror_invariant(self.ds)
         mine = []
         for j in workers.my_share(len(teachers)):
@@ -180,11 +180,11 @@ class Trainer:
             if cfg.no_meta_generator:
                 r = recover.recover_from_scratch(teachers[j].model, cfg.way, cfg.recover_steps, self.ds.image_size,
                                                  self.ds.channels, nf=cfg.nf, n_per_class=cfg.n_per_class,
-                                                 lr=cfg.gen_lr, student=meta_learner, lambda_adv=cfg.lambda_adv,
+                                                 lr=cfg.gen_lr, meta_learner=meta_learner, lambda_adv=cfg.lambda_adv,
                                                  flip=flip, generator=g)
             else:
                 r = recover.recover_task(self.meta_gen.G, teachers[j].model, cfg.way, cfg.k, cfg.n_per_class,
-                                         cfg.gen_lr, student=meta_learner, lambda_adv=cfg.lambda_adv, flip=flip,
+                                         cfg.gen_lr, meta_learner=meta_learner, lambda_adv=cfg.lambda_adv, flip=flip,
                                          generator=g)
             mine.append(r)
         tasks = workers.gather_from_workers(mine)  # all B tasks, in teacher order, on every worker

@@ -74,17 +74,17 @@ def adversarial_loss(teacher_logits, learner_logits):
     return -(agree * kl).mean()  # - mean_n[ 1(.) * KL ]
 
 
-def inversion_loss(teacher, x, y, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True, generator=None):
+def inversion_loss(teacher, x, y, meta_learner=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True, generator=None):
     """Eq. (1):  L_G = CE(M_i(A(G(Z; theta_G'))), Y) + lambda_adv * L_adv
 
-    x = G(Z; theta_G') in [0, 1]; the teacher normalises its own input. The keyword `student` (the name
-    its callers use) is the meta-learner f_theta of L_adv as (module, detached params), or None in
+    x = G(Z; theta_G') in [0, 1]; the teacher normalises its own input. `meta_learner` is f_theta of
+    L_adv as (module, detached params), or None in
     warm-up, which drops L_adv. A(.)'s draws come from `generator` if given (augment)."""
     xa = augment(x, pad, flip, generator)  # A(G(Z; theta_G'))
     teacher_logits = teacher(xa)  # M_i(A(x))
     loss = F.cross_entropy(teacher_logits, y)  # CE(M_i(A(x)), Y)
-    if student is not None and lambda_adv > 0:
-        model, params = student
+    if meta_learner is not None and lambda_adv > 0:
+        model, params = meta_learner
         with torch.no_grad():  # as the authors' code: f_theta(x) is a fixed target, no gradient to x through it
             learner_logits = functional_call(model, params, (xa,))  # f_theta(A(x))
         loss = loss + lambda_adv * adversarial_loss(teacher_logits, learner_logits)  # + lambda_adv * L_adv
@@ -109,13 +109,13 @@ def labels_Y(way, n_per_class, device):
 
 
 def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, lr=GEN_LR,
-                 betas=GEN_BETAS, student=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True,
+                 betas=GEN_BETAS, meta_learner=None, lambda_adv=LAMBDA_ADV, pad=AUG_PAD, flip=True,
                  meta_grad=True, after_step=None, generator=None):
     """Recover teacher M_i's task: theta_G' <- theta_G, a fresh Z ~ N(0, I), then k = `steps` evaluations
     of Eq. (1). k = 5 is the number of evaluations of Eq. (1) per teacher, with k - 1 Adam steps on
     (theta_G', Z) between them; the k-th evaluation gives the task and the meta-gradient: its images
     x = G(Z; theta_G') (returned with their labels Y and the teacher's soft labels) and its gradient
-    w.r.t. theta_G', the first-order meta-gradient (FOMAML). `student`: the meta-learner of L_adv
+    w.r.t. theta_G', the first-order meta-gradient (FOMAML). `meta_learner`: f_theta of L_adv
     (inversion_loss). `generator`, a CPU torch.Generator, if given draws Z (on the CPU, then moved to the
     device) and every augmentation of Eq. (1), so the result depends on its seed and not on the process's
     RNG; without one both come from the device's RNG. `after_step(step, x)`, if given, sees each
@@ -132,7 +132,7 @@ def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, l
     x = None
     for step in range(1, steps + 1):
         x = G(Z)  # [way * n, C, H, W]
-        loss = inversion_loss(teacher, x, Y, student, lambda_adv, pad, flip, generator)
+        loss = inversion_loss(teacher, x, Y, meta_learner, lambda_adv, pad, flip, generator)
         if step < steps:
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=params + [Z])

@@ -491,7 +491,7 @@ def test_recovery_leaves_the_teachers_batchnorm_statistics_unchanged(tiny_zoo):
     learner = Conv4(WAY, NC, SIZE, track_running_stats=False)
     for s in (None, (learner, maml.detached_params(learner))):
         recover.recover_task(Generator(SIZE, NC, nf=NF_TINY), teacher, WAY, steps=3, n_per_class=4, flip=False,
-                             student=s)
+                             meta_learner=s)
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
@@ -525,7 +525,7 @@ def test_recovery_with_a_seeded_generator_depends_on_its_seed_alone(tiny_zoo):
     baseline, whose fresh generator's initialisation also comes from the seeded stream."""
     G, teacher = Generator(SIZE, NC, nf=NF_TINY), tiny_zoo[2]
     learner = Conv4(WAY, NC, SIZE, track_running_stats=False)
-    kwargs = dict(steps=3, n_per_class=4, lr=0.01, flip=True, student=(learner, maml.detached_params(learner)))
+    kwargs = dict(steps=3, n_per_class=4, lr=0.01, flip=True, meta_learner=(learner, maml.detached_params(learner)))
 
     def seeded(global_seed, seed):
         torch.manual_seed(global_seed)

@@ -129,7 +129,7 @@ def flatten(d, prefix=""):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(maml, "kd_loss", lambda student, teacher, tau=1.0: student.sum() * float("nan"))
+    monkeypatch.setattr(maml, "kd_loss", lambda logits, teacher, tau=1.0: logits.sum() * float("nan"))
     with pytest.raises(FloatingPointError, match=r"round 2: the KD loss"):
         run(tmp_path, cache)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["round"] == 1  # warm-up round, before the NaN

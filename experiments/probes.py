@@ -123,7 +123,7 @@ def bench_recovery(args):
 # ------------------------------------------------------------------------ why replay is weak; KD alone
 
 
-def cross_teacher_agreement(teachers, G, student, cfg, ds):
+def cross_teacher_agreement(teachers, G, meta_learner, cfg, ds):
     """Each teacher A's task recovered as a training round recovers it (k steps from the run's meta-generator,
     L_adv against the run's meta-learner); every other teacher B that shares a class c with A labels A's
     recovered images of c, and real meta-train images of c. Means over (A, B, c) triples, and A's own accuracy."""
@@ -133,7 +133,7 @@ def cross_teacher_agreement(teachers, G, student, cfg, ds):
                    for i, b in enumerate(teachers) for j, c in enumerate(b.classes)}
     own, other, real = [], [], []
     for a in teachers:
-        r = recover.recover_task(G, a.model, cfg.way, cfg.k, cfg.n_per_class, cfg.gen_lr, student=student,
+        r = recover.recover_task(G, a.model, cfg.way, cfg.k, cfg.n_per_class, cfg.gen_lr, meta_learner=meta_learner,
                                  lambda_adv=cfg.lambda_adv, flip=flip, meta_grad=False)
         own.append(r.teacher_acc)
         for i, b in enumerate(teachers):
