@@ -126,7 +126,8 @@ def reptile_scale(alpha, n_tasks, optimizer="sgd"):
 
     Adam moves every coordinate by about alpha per step whatever the gradient's size, so dividing by
     alpha as for SGD would hand the outer Adam a unit-size direction per coordinate that swamps the
-    replay gradients in its second-moment estimate (measured: experiments/RESULTS.md, 'Components').
+    replay gradients in its second-moment estimate (how the scale was chosen: experiments/RESULTS.md,
+    'How the quick counts were chosen').
     The authors' code multiplies by a bare 67 instead."""
     return 1.0 / (alpha * n_tasks) if optimizer == "sgd" else 1.0 / n_tasks
 

@@ -232,20 +232,29 @@ USER_ERRORS = {  # case: (extra free.py arguments, setup of the folder, what the
 
 
 @pytest.mark.parametrize("case", list(USER_ERRORS))
-def test_a_user_error_is_one_line_and_a_failed_start_writes_no_run(tmp_path, case):
+def test_a_user_error_is_one_line_and_a_failed_start_writes_no_run(tmp_path, case, capsys, monkeypatch):
     if case == "cuda without cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     extra, setup, says = USER_ERRORS[case]
     if setup:
         setup(tmp_path)
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "free.py"), "--preset", "smoke",
-           "--out", "run", "--cache", "cache", *extra]
+    monkeypatch.chdir(tmp_path)
+    status = free.cli(["--preset", "smoke", "--out", "run", "--cache", "cache", *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    if not case.startswith("resume of a"):
+        assert not (tmp_path / "run").exists()  # nothing half-made: the same command runs once the cause is fixed
+
+
+def test_free_py_exits_with_status_1_and_one_line_on_a_user_error(tmp_path):
+    """The command itself (not only cli()): one `error:` line on stderr, exit status 1, no run folder."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "free.py"), "--dataset",
+           "synthetic", "--preset", "smoke", "--out", "run", "--way", "50"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = done.stderr.strip().splitlines()
-    assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
-    if not case.startswith("resume of a"):
-        assert not (tmp_path / "run").exists()  # nothing half-made: the same command runs once the cause is fixed
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: --way 50"), done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_same_command_runs_after_a_failed_start(tmp_path, cache):
