@@ -49,8 +49,7 @@ class BatchStatNorm2d(nn.Module):
 
         y = gamma * (x - mu_B) / sqrt(sigma_B^2 + eps) + beta,  mu_B, sigma_B^2 over (batch, H, W)
 
-    Same parameters as nn.BatchNorm2d(track_running_stats=False). Computed by the fused F.batch_norm
-    (about 1.4x faster for a MAML meta-batch on the CPU than the same formula in elementary ops), except
+    Same parameters as nn.BatchNorm2d(track_running_stats=False). Computed by the fused F.batch_norm, except
     inside `elementary_batch_norm()`, which maml.py enters around torch.func.vmap: in torch 2.13 the
     second-order gradient of F.batch_norm under vmap is wrong (caught by
     test_vmapped_meta_batch_matches_per_task_loop), and the elementary ops differentiate correctly."""
