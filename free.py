@@ -441,8 +441,9 @@ def run_method(cfg):
     device = pick_device(cfg.device)
     finished = check_out(cfg)
     if finished is not None:
-        print(f"{cfg.out} holds a finished run of {cfg.rounds} rounds: meta-test {finished['test_acc']:.2f} ± "
-              f"{finished['test_ci95']:.2f} (results.json)")
+        if workers.is_main():
+            print(f"{cfg.out} holds a finished run of {cfg.rounds} rounds: meta-test {finished['test_acc']:.2f} ± "
+                  f"{finished['test_ci95']:.2f} (results.json)")
         return finished
     t_start = time.perf_counter()
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.mirror, seed=cfg.seed)
@@ -624,7 +625,7 @@ def check_config(cfg):
                         f"replay alone)")
     if cfg.mirror is not None and not cfg.mirror.startswith(("http://", "https://")):
         raise UserError(f"--mirror {cfg.mirror}: expected an http:// or https:// base address")
-    if cfg.workers > 1:
+    if cfg.workers > 1 or workers.under_torchrun():
         check_workers(cfg)
     for what, folder in (("--out", cfg.out), ("--data-root", cfg.data_root)) + \
             ((("--cache", cfg.cache),) if cfg.method in USES_ZOO else ()):
@@ -632,14 +633,19 @@ def check_config(cfg):
 
 
 def check_workers(cfg):
-    device_type = pick_device(cfg.device).type
-    have = workers.available(device_type)
-    if cfg.workers > have:
-        raise UserError(f"--workers {cfg.workers}: this machine has {have} "
-                        f"{'GPUs' if device_type == 'cuda' else 'CPU cores'}; expected at most {have}")
-    if cfg.workers > cfg.meta_batch:
-        raise UserError(f"--workers {cfg.workers}: a replay meta-batch of {cfg.meta_batch} tasks is shared by the "
-                        f"workers; expected at most --meta-batch workers")
+    """--workers N (or torchrun's N processes): at most the machine's cores or GPUs, at most a meta-batch's tasks."""
+    if workers.under_torchrun():
+        n, what = int(os.environ["WORLD_SIZE"]), "torchrun's --nproc-per-node"
+    else:
+        n, what = cfg.workers, "--workers"
+        device_type = pick_device(cfg.device).type
+        have = workers.available(device_type)
+        if n > have:
+            raise UserError(f"--workers {n}: this machine has {have} "
+                            f"{'GPUs' if device_type == 'cuda' else 'CPU cores'}; expected at most {have}")
+    if n > cfg.meta_batch:
+        raise UserError(f"{what} {n}: a replay meta-batch of {cfg.meta_batch} tasks is shared by the workers; "
+                        f"expected at most --meta-batch workers")
 
 
 def check_writable(what, folder):

@@ -24,7 +24,8 @@ def world_size():
 
 
 def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This worker's rank: from the process group, or from torchrun's environment before the group is joined."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def is_main():
