@@ -119,7 +119,8 @@ PRESETS = {
                   max_replay=1, eval_every=2, val_tasks=6, test_tasks=10, save_every=1,
                   recover_steps=3, train_inner_steps=1, test_inner_steps=2),
 }
-# settings whose change makes a checkpoint belong to another run (everything but where/how to run)
+# settings that may differ when a run is resumed (where and how it runs, and how long); any other difference
+# makes a checkpoint belong to another run
 NOT_IDENTITY = ("out", "resume", "device", "workers", "vmap", "data_root", "mirror", "cache", "rounds")
 
 
@@ -129,8 +130,8 @@ NOT_IDENTITY = ("out", "resume", "device", "workers", "vmap", "data_root", "mirr
 class Trainer:
     """The FREE meta-training loop (paper §3) and its resumable state."""
 
-    def __init__(self, cfg, ds, teachers, device, log):
-        self.cfg, self.ds, self.teachers, self.device, self.log = cfg, ds, teachers, device, log
+    def __init__(self, cfg, ds, teachers, device):
+        self.cfg, self.ds, self.teachers, self.device = cfg, ds, teachers, device
         self.model = new_meta_learner(ds, cfg, device)  # f_theta
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)  # outer Adam: Eq. (3) and replay
         G = Generator(ds.image_size, ds.channels, nf=cfg.nf).to(device)  # G(theta_G), supplement Table 1
@@ -150,7 +151,7 @@ class Trainer:
         if cfg.method == "free":
             teachers = self.sample_teachers()  # B teachers of the zoo
             with self.timer("recovery"):
-                tasks = self.five(teachers, adversarial=not warm)  # FIVE: k steps of Eq. (1) each, then theta_G's update
+                tasks = self.five(teachers, adversarial=not warm)  # FIVE: k evaluations of Eq. (1) each, theta_G's update
             row["rec_acc"] = sum(t.teacher_acc for t in tasks) / len(tasks)
             if warm:
                 return row  # warm-up: the meta-generator alone; nothing stored, no L_adv
@@ -158,7 +159,7 @@ class Trainer:
                 self.memory_bank(tasks, teachers)  # every recovered task; authors' code stores only the last
                 row["bank"] = len(self.bank)
                 if not cfg.no_kd:  # ablation --no-kd: the meta-learner learns from replay alone
-                    row["kd_loss"] = self.bell(tasks, teachers)  # BELL: KD with Eq. (3)'s alignment
+                    row["kd_loss"] = self.distill_and_align(tasks, teachers)  # BELL: KD with Eq. (3)'s alignment
         with self.timer("replay"):
             row.update(self.replay())  # cross-task MAML replay from the memory bank (maml: real data)
         return row
@@ -187,7 +188,7 @@ class Trainer:
                                          cfg.gen_lr, meta_learner=meta_learner, lambda_adv=cfg.lambda_adv, flip=flip,
                                          generator=g)
             mine.append(r)
-        tasks = workers.gather_from_workers(mine)  # all B tasks, in teacher order, on every worker
+        tasks = workers.gather_from_workers(mine, self.device)  # all B tasks, in teacher order, on every worker
         if not cfg.no_meta_generator:
             self.meta_gen.meta_update([r.meta_grad for r in tasks])
         self.last_recovered = (tasks[-1].x, tasks[-1].y, teachers[-1].classes)
@@ -199,9 +200,9 @@ class Trainer:
             keep = r.teacher_logits.argmax(1) == r.y if self.cfg.bank_filter == "agree" else slice(None)
             self.bank.add(r.x[keep], r.y[keep], t.classes)
 
-    def bell(self, tasks, teachers):
-        """BELL's KD step (paper §3.3): theta_tilde takes one KD step per recovered task in sequence
-        (Eq. (3)), and the outer Adam moves theta toward theta_tilde. Returns the mean KD loss."""
+    def distill_and_align(self, tasks, teachers):
+        """BELL's KD step (paper §3.3; replay is BELL's other half): theta_tilde takes one KD step per recovered
+        task in sequence (Eq. (3)), and the outer Adam moves theta toward theta_tilde. Returns the mean KD loss."""
         cfg = self.cfg
         g = task_generator(cfg.seed, self.round, len(tasks))  # A(.) of the KD images
         kd_tasks = [self.kd_task(r, t, g) for r, t in zip(tasks, teachers)]
@@ -302,8 +303,9 @@ class Timer:
 
 def check_finite(loss, what, round_):
     if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"round {round_ + 1}: the {what} is {loss.item()}; stopping. last.pt holds the "
-                                 f"state before this round (resume with --resume after fixing the cause)")
+        raise FloatingPointError(f"round {round_ + 1}: the {what} is {loss.item()}; stopping. last.pt, if any, holds "
+                                 f"the last checkpoint before this round (every --save-every rounds and at each "
+                                 f"validation): --resume continues from it once the cause is fixed")
 
 
 # ------------------------------------------------------------------------ train, validate, meta-test
@@ -326,6 +328,7 @@ def train(cfg, trainer, run):
             if stopping:
                 run.log(f"stopped at round {trainer.round}; last.pt is saved: the same command with --resume "
                         f"continues")
+                workers.barrier()  # no worker exits (and so ends the others) before rank 0 has written and logged
                 return False
     return True
 
@@ -398,8 +401,9 @@ def load_teachers(cfg, ds, device, log):
         settings.epochs = cfg.zoo_epochs
     if workers.world_size() > 1:
         build_zoo(ds, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset, settings, cfg.cache, device,
-                  log=log, indices=workers.my_share(cfg.n_teachers))
+                  log=log, indices=workers.my_share(cfg.n_teachers))  # rank 0 logs its share's progress
         workers.barrier()  # every teacher is in the cache now
+        log = None  # the pass below only reads them back
     teachers = build_zoo(ds, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset, settings, cfg.cache,
                          device, log=log)
     for t in teachers:
@@ -454,13 +458,17 @@ def run_method(cfg):
     run.log("config: " + json.dumps(dataclasses.asdict(cfg)))
     run.log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
             f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
-    teachers = run.zoo(cfg, ds, lambda: load_teachers(cfg, ds, device, run.log)) if cfg.method in USES_ZOO else []
+    teachers = run.zoo(ds, lambda: load_teachers(cfg, ds, device, run.log)) if cfg.method in USES_ZOO else []
     set_seed(cfg.seed)  # the zoo may be cached or trained: start the run's randomness from here
 
-    trainer = Trainer(cfg, ds, teachers, device, run.log)
+    trainer = Trainer(cfg, ds, teachers, device)
     if os.path.exists(run.last_path):
-        trainer.load_state_dict(load_checkpoint(run.last_path, UserError, "--resume:", "it is written atomically, so "
-                                                "it was changed outside free.py: start a new run in another --out"))
+        ckpt = load_checkpoint(run.last_path, UserError, "--resume:", "it is written atomically, so it was changed "
+                               "outside free.py: start a new run in another --out")
+        if "wall_seconds" not in ckpt:
+            raise UserError(f"--resume: {run.last_path} was written by an older free.py (no wall_seconds); start a new "
+                            f"run in another --out")
+        trainer.load_state_dict(ckpt)
         run.resumed(trainer)
     run.start(t_start, trainer)
     if cfg.method == "average":
@@ -474,16 +482,15 @@ def run_method(cfg):
 
     # ---- the single meta-test, of the best theta on meta-validation
     model = trainer.model
-    if trainer.best_state is not None:
-        model.load_state_dict(trainer.best_state)
-    else:
-        run.save_best(model, model.state_dict())
+    model.load_state_dict(trainer.best_state)  # every method has validated at least once
     t_test = time.perf_counter()
     test = meta_test(cfg, ds, model, maml.detached_params(model), device)
     run.tested(trainer, test, time.perf_counter() - t_test)
     if trainer.last_recovered is not None:
         run.save_recovered_grid(trainer.last_recovered, ds.splits["train"])
-    return run.finish(trainer, test)
+    results = run.finish(trainer, test)
+    workers.barrier()  # rank 0 has written results.json
+    return results
 
 
 def spawn_workers(cfg, argv):
@@ -503,8 +510,9 @@ def cli(argv=None):
     try:
         return 0 if main(argv) is not None else workers.INTERRUPTED
     except (UserError, FloatingPointError) as e:
-        if workers.is_main():
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if workers.is_main() or workers.world_size() > 1:  # before torchrun's group is joined, rank 0 speaks for all
+            where = "" if workers.is_main() else f"[worker {workers.rank()}] "
+            print(f"error: {where}{e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         if workers.is_main():
@@ -596,6 +604,7 @@ def ablations(cfg):
 AT_LEAST = dict(way=2, query=1, recover_steps=1, seed=0, workers=1, n_teachers=1, zoo_epochs=1, zoo_batch=2,
                 rounds=1, warmup=0, B=1, k=1, n_per_class=1, nf=1, meta_batch=1, replay_patience=1, max_replay=0,
                 eval_every=1, val_tasks=1, test_tasks=1, save_every=1, train_inner_steps=1, test_inner_steps=0)
+SEED_MAX = 2 ** 63 - 1  # the largest seed every generator of the run accepts (torch, numpy)
 POSITIVE = ("gen_lr", "alpha", "tau", "outer_lr", "inner_lr")  # rates: finite and > 0
 NON_NEGATIVE = ("lambda_adv",)  # weights: finite and >= 0
 
@@ -620,6 +629,11 @@ def check_config(cfg):
     if cfg.method in TRAINED and cfg.rounds <= cfg.warmup:
         raise UserError(f"--rounds {cfg.rounds} with --warmup {cfg.warmup}: the meta-learner would never train; "
                         f"expected --rounds > --warmup")
+    if cfg.seed > SEED_MAX:
+        raise UserError(f"--seed {cfg.seed}: expected at most {SEED_MAX}")
+    if cfg.method == "average" and cfg.teacher_arch not in ("conv4", "mix"):
+        raise UserError(f"--method average with --teacher-arch {cfg.teacher_arch}: it averages conv4 teachers' weights; "
+                        f"use --teacher-arch conv4 or mix")
     if cfg.method == "maml" and cfg.max_replay < 1:
         raise UserError(f"--max-replay {cfg.max_replay}: expected at least 1 for --method maml (it learns from "
                         f"replay alone)")
@@ -674,8 +688,8 @@ def check_out(cfg):
     if os.path.exists(results):
         with open(results) as f:
             done = json.load(f)
-        if done.get("rounds") == (cfg.rounds if cfg.method in TRAINED else 0):
-            return done
+        if done.get("rounds") >= (cfg.rounds if cfg.method in TRAINED else 0):
+            return done  # finished at these rounds or more: nothing to do
     return None
 
 
@@ -737,12 +751,15 @@ class Run:
         self.cfg, self.main = cfg, workers.is_main()
         self.last_path, self.best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-        self.t_start, self.earlier = time.perf_counter(), 0.0
         self.rounds_timed = {"warm-up": [0, 0.0], "train": [0, 0.0]}  # phase -> [rounds, seconds] in this process
         self.val_seconds = []
         if self.main:
             os.makedirs(cfg.out, exist_ok=True)
             write_json_atomic(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
+            if not os.path.exists(self.last_path):  # a fresh start: records of a run that died before last.pt go
+                for name in ("log.txt", "metrics.jsonl"):
+                    if os.path.exists(os.path.join(cfg.out, name)):
+                        os.remove(os.path.join(cfg.out, name))
 
     def log(self, msg):
         """One line to stdout and to log.txt."""
@@ -757,8 +774,9 @@ class Run:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"event": event, **values}) + "\n")
 
-    def zoo(self, cfg, ds, load):
+    def zoo(self, ds, load):
         """The teacher zoo, loaded (and trained where not cached) by load(), and its record."""
+        cfg = self.cfg
         folder = zoo_dir(cfg.cache, ds.name, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset)
         cached = sum(teacher_path(folder, i).is_file() for i in range(cfg.n_teachers))
         t0 = time.perf_counter()
@@ -770,8 +788,8 @@ class Run:
     def resumed(self, trainer):
         """Drop the records of rounds after the checkpoint (they are done again), so metrics.jsonl is one history."""
         if self.main and os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if keep_on_resume(json.loads(line), trainer.round)]
+            with open(self.metrics_path) as f:  # a last line cut short by a kill is dropped
+                kept = [line for line in f if line.endswith("\n") and keep_on_resume(json.loads(line), trainer.round)]
             atomic_text("".join(kept), self.metrics_path)
         self.log(f"resumed from {self.last_path} at round {trainer.round}")
 
@@ -853,7 +871,7 @@ class Run:
                        teacher_arch=cfg.teacher_arch, preset=cfg.preset, seed=cfg.seed, device=str(trainer.device),
                        workers=workers.world_size(), torch_version=torch.__version__,
                        torch_threads=torch.get_num_threads(), rounds=trainer.round if cfg.method in TRAINED else 0,
-                       test_acc=acc, test_ci95=ci, best_val_acc=trainer.best_val if trainer.best_val >= 0 else None,
+                       test_acc=acc, test_ci95=ci, best_val_acc=trainer.best_val,
                        wall_seconds=self.elapsed(), resumes=trainer.resumes)
         if "per_domain" in test:
             results["per_domain"] = {d: {"test_acc": a, "test_ci95": c} for d, (a, c) in test["per_domain"].items()}

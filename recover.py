@@ -15,7 +15,7 @@ Differences from the authors' code:
 - recovered images stay in memory as uint8 tensors (theirs writes PNGs; the quantisation is the same);
 - no "best image" selection (theirs has one that never selects): every recovered image is kept by
   default, as the paper describes the memory bank; free.py's `--bank-filter agree` keeps only the
-  images the teacher labels as Y (ours; bench.py seeds measures it).
+  images the teacher labels as Y (ours; `python experiments/bench.py seeds` measures it).
 """
 import copy
 import time
@@ -98,7 +98,7 @@ class RecoveredTask:
     x: torch.Tensor  # [way * n, C, H, W] recovered images in [0, 1]
     y: torch.Tensor  # [way * n] the teacher's local labels Y
     teacher_logits: torch.Tensor  # [way * n, way] M_i(x), soft labels for KD
-    teacher_acc: float  # M_i's accuracy on x (the weak yardstick; see bench.py)
+    teacher_acc: float  # M_i's accuracy on x (the weak yardstick; see experiments/probes.py)
     meta_grad: list  # first-order gradient of L_G at the adapted theta_G' (None if not asked)
     seconds: float
 
@@ -119,7 +119,7 @@ def recover_task(theta_G, teacher, way, steps=K, n_per_class=IMAGES_PER_CLASS, l
     (inversion_loss). `generator`, a CPU torch.Generator, if given draws Z (on the CPU, then moved to the
     device) and every augmentation of Eq. (1), so the result depends on its seed and not on the process's
     RNG; without one both come from the device's RNG. `after_step(step, x)`, if given, sees each
-    evaluation's images (bench.py traces quality with it; its own time is not counted in `seconds`)."""
+    evaluation's images (experiments/probes.py traces quality with it; its own time is not counted in `seconds`)."""
     t0 = time.perf_counter()
     device = next(theta_G.parameters()).device
     G = copy.deepcopy(theta_G)  # theta_G' = theta_G
@@ -204,7 +204,7 @@ class MemoryBank:
 
     def __init__(self, cap=BANK_CAP, device="cpu"):
         self.cap = cap
-        self.device = torch.device(device)  # where the images live: the run's device (no copies per meta-batch)
+        self.device = torch.device(device)  # where the images live: the run's device (no host-device copy per meta-batch)
         self.images = {}  # global class id -> uint8 [n <= cap, C, H, W], oldest first
 
     def add(self, x, y, classes):

@@ -48,12 +48,12 @@ def sum_over_workers(tensors):
     return tensors
 
 
-def gather_from_workers(items):
+def gather_from_workers(items, device=None):
     """Every worker's list of results, concatenated in rank order (so: in task order), on every worker.
-    Tensors travel through the CPU and come back on the device they left."""
+    Tensors travel through the CPU and come back on `device` (default: the device they left)."""
     if world_size() == 1:
         return list(items)
-    device = next((t.device for t in _tensors(items)), torch.device("cpu"))
+    device = device or next((t.device for t in _tensors(items)), torch.device("cpu"))
     parts = [None] * world_size()
     dist.all_gather_object(parts, _to(items, torch.device("cpu")))
     return [_to(x, device) for part in parts for x in part]
@@ -104,7 +104,9 @@ def _to(obj, device):
 
 def available(device_type):
     """How many workers this machine can hold: its GPUs on CUDA, else its CPU cores."""
-    return torch.cuda.device_count() if device_type == "cuda" else len(os.sched_getaffinity(0))
+    if device_type == "cuda":
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # macOS: no affinity
 
 
 def under_torchrun():
@@ -144,7 +146,8 @@ def launch(main, argv, n, device_type):
         return 0
     except mp.ProcessExitedException as e:
         return INTERRUPTED if e.exit_code == INTERRUPTED else 1
-    except mp.ProcessRaisedException:
+    except mp.ProcessRaisedException as e:  # a programming error in a worker: its traceback
+        print(e, file=sys.stderr, flush=True)
         return 1
     finally:
         signal.signal(signal.SIGINT, handler)

@@ -1,7 +1,7 @@
 """The measurement apparatus of this FREE implementation: it makes the runs behind every number of
 experiments/RESULTS.md (and the README's results table and figure), stores them in
-experiments/results/results.json, and writes those documents from it (`report`); nothing in them is
-typed by hand. Run from the repository root:
+experiments/results/results.json, and writes those documents from it (`report`); no number in them is
+typed by hand (the provenance notes in results.json are text). Run from the repository root:
 
     python experiments/bench.py recovery  # recovery speed-up at equal quality (paper §4: ~20x faster)
     python experiments/bench.py sweep     # the accuracy sweep (methods, baselines, ablations x seeds) as commands
@@ -108,7 +108,7 @@ def prepare_zoo(args, seed, results):
     records the teachers' accuracy on their own images with and without A(.)."""
     cfg = free.parse_args(["--dataset", args.dataset, "--preset", args.preset, "--data-root", args.data_root,
                            "--seed", str(seed)])
-    ds = load_dataset(args.dataset, args.data_root)
+    ds = load_dataset(args.dataset, args.data_root, seed=seed)  # synthetic data depend on the seed
     teachers = free.load_teachers(cfg, ds, torch.device("cpu"), print)
     store(results, args.results, "teachers", records.teachers_key(args.dataset, args.preset, seed),
           teacher_accuracy_under_A(teachers, ds))

@@ -385,10 +385,10 @@ def run_all(jobs, n, on_done):
                 on_done(futures[fut])
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
-        for p in procs.values():
+        for p in list(procs.values()):
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
-        for p in procs.values():
+        for p in list(procs.values()):
             p.wait()
         raise
     pool.shutdown()

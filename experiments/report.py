@@ -406,7 +406,7 @@ def document(results, sweep, doc_dir, results_dir):
                          "(right):", "", f"![recovered]({rel('recovered.png')})"])
     if os.path.isdir(os.path.join(results_dir, "cka")):
         found += section("Teacher heterogeneity (CKA, supplement Figure 1)",
-                         f"`python cka.py --dataset omniglot --data-root DIR --preset quick --out {rel('cka')}`",
+                         "`python cka.py --dataset omniglot --data-root DIR --preset quick --out experiments/results/cka`",
                          ["Linear CKA between teachers' penultimate features on the same real probe images: (a) "
                           "teachers of different tasks, (b) of different data sets, (c) of different architectures.",
                           "", "| (a) different tasks | (b) different data sets | (c) different architectures |",
