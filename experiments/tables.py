@@ -76,10 +76,7 @@ def paired(seeds, a, b, shots, sweep=records.Sweep()):
     return [ra[s]["test_acc"] - rb[s]["test_acc"] for s in SEEDS if s in ra and s in rb]
 
 
-def hms(seconds):
-    """h:mm:ss."""
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+hms = free.format_hms  # h:mm:ss, as free.py's round lines print it
 
 
 def run_config(r, rounds=None):
