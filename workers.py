@@ -48,12 +48,11 @@ def sum_over_workers(tensors):
     return tensors
 
 
-def gather_from_workers(items, device=None):
+def gather_from_workers(items, device="cpu"):
     """Every worker's list of results, concatenated in rank order (so: in task order), on every worker.
-    Tensors travel through the CPU and come back on `device` (default: the device they left)."""
+    Tensors travel through the CPU and arrive on `device`."""
     if world_size() == 1:
         return list(items)
-    device = device or next((t.device for t in _tensors(items)), torch.device("cpu"))
     parts = [None] * world_size()
     dist.all_gather_object(parts, _to(items, torch.device("cpu")))
     return [_to(x, device) for part in parts for x in part]
@@ -75,17 +74,6 @@ def barrier():
 
 def _collective_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            yield from _tensors(x)
-    elif hasattr(obj, "__dataclass_fields__"):
-        for name in obj.__dataclass_fields__:
-            yield from _tensors(getattr(obj, name))
 
 
 def _to(obj, device):
@@ -120,13 +108,6 @@ def local_device(device_type):
     index = int(os.environ.get("LOCAL_RANK", rank()))
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
-
-
-def join(device_type):
-    """Join the process group torchrun set up (its environment variables); one torch thread per CPU worker."""
-    if device_type == "cpu":
-        torch.set_num_threads(1)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
 
 def free_port():
@@ -164,11 +145,14 @@ def _worker(index, main, argv, n, port, device_type):
 
 @contextlib.contextmanager
 def process_group(device_type):
-    """Inside torchrun (or a spawned worker): join the group for the block, leave it after."""
+    """Inside torchrun (or a spawned worker): join the group torchrun's environment variables describe for
+    the block (one torch thread per CPU worker), leave it after."""
     if not under_torchrun():
         yield
         return
-    join(device_type)
+    if device_type == "cpu":
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
         yield
     finally:
