@@ -239,12 +239,14 @@ class Trainer:
                                                   cfg.train_inner_steps, cfg.inner_lr, cfg.first_order,
                                                   use_vmap(cfg, self.device))
             share = len(mine) / cfg.meta_batch  # (1/T) sum over all T tasks = sum over workers of share * mean
-            # the one host sync of a meta-batch: the stopping rule needs the accuracy, the NaN guard the loss
-            loss_now, acc_now = workers.sum_over_workers([torch.stack([share * loss.detach(), share * acc])])[0].tolist()
-            check_finite(torch.tensor(loss_now), "MAML replay loss", self.round)
             self.opt.zero_grad(set_to_none=True)
             (share * loss).backward()
-            workers.sum_over_workers([p.grad for p in self.model.parameters()])
+            # the one host sync of a meta-batch: the outer gradient, and the loss and accuracy that the NaN guard
+            # and the stopping rule read
+            seen = torch.stack([share * loss.detach(), share * acc])
+            workers.sum_over_workers([seen] + [p.grad for p in self.model.parameters()])
+            loss_now, acc_now = seen.tolist()
+            check_finite(torch.tensor(loss_now), "MAML replay loss", self.round)
             self.opt.step()
             losses.append(loss_now)
             accs.append(acc_now)
@@ -779,6 +781,7 @@ class Run:
         cfg = self.cfg
         folder = zoo_dir(cfg.cache, ds.name, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset)
         cached = sum(teacher_path(folder, i).is_file() for i in range(cfg.n_teachers))
+        workers.barrier()  # no worker trains a teacher before rank 0 has counted the cached ones
         t0 = time.perf_counter()
         teachers = load()
         self.record("zoo", teachers=len(teachers), trained=len(teachers) - cached, cached=cached,

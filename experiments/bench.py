@@ -61,9 +61,9 @@ LONG_ROUNDS = 200  # `bench.py rounds`: FREE 1-shot continued to this many round
 # zoo cache, so the zoo phase is timed too; each row (dataset, preset, shots, workers, threads, rounds), None = the
 # preset's own rounds; the rest of a full run is projected from the phases' times
 TIME_ROUNDS = 30
-TIME_ROWS = [("omniglot", "quick", 1, 1, 2, TIME_ROUNDS), ("omniglot", "quick", 1, 2, 1, TIME_ROUNDS),
-             ("omniglot", "quick", 5, 1, 2, TIME_ROUNDS), ("omniglot", "quick", 5, 2, 1, TIME_ROUNDS),
-             ("synthetic", "smoke", 1, 1, 2, None)]
+TIME_ROWS = [("omniglot", "quick", shots, workers, threads, TIME_ROUNDS) for shots in (1, 5)
+             for workers, threads in ((1, 2), (2, 1), (1, 1))] + [("synthetic", "smoke", 1, 1, 2, None)]
+# (1, 1): one process on one thread, the yardstick of what 2 workers could gain at best (the ceiling)
 JOBS = 2  # default runs at a time (seeds, rounds)
 # `bench.py gpu`: the paper preset on CIFAR-FS-shaped synthetic data (32x32x3), 1- and 5-shot, a few rounds timed
 GPU_ROUNDS, GPU_WARMUP = 12, 2  # rounds timed (warm-up included; validation after the last)
@@ -362,9 +362,9 @@ SUBCOMMANDS = {  # name: (runner, one-line help, description, flag groups)
               "Run the sweep's commands here, --jobs at a time, each seed's teacher zoo built first; finished runs "
               "are read back and stored.", ("data", "sweep", "jobs")),
     "time": (bench_time, "the quick preset's time by phase: 1 process x 2 threads vs 2 workers",
-             f"Time the quick preset on Omniglot, 1- and 5-shot, as 1 process x 2 threads and as 2 workers x 1 "
-             f"thread, {TIME_ROUNDS} rounds each from an empty zoo cache, and the smoke run; the report projects "
-             f"full runs by phase.", ("data", "shots")),
+             f"Time the quick preset on Omniglot, 1- and 5-shot, as 1 process x 2 threads, as 2 workers x 1 "
+             f"thread and as 1 process x 1 thread (the yardstick of the workers' ceiling), {TIME_ROUNDS} rounds each "
+             f"from an empty zoo cache, and the smoke run; the report projects full runs by phase.", ("data", "shots")),
     "rounds": (bench_rounds, "FREE 1-shot continued to longer runs",
                "Continue FREE 1-shot (quick preset) to --rounds rounds per seed, from the longest finished shorter "
                "run: meta-validation by round and the test at each length.", ("data", "seeds", "jobs", "rounds")),

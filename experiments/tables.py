@@ -130,12 +130,36 @@ def time_rows(timed):
     return timed.get("rows", {}) if "rows" in timed else {k: v for k, v in timed.items() if isinstance(v, dict)}
 
 
+def run_key(r):
+    return r["dataset"], r["preset"], r["shots"], r["method"], tuple(r.get("ablations", ()))
+
+
+def single_process(rows, threads):
+    """{run key: (name, record)} of the rows made by 1 process on `threads` torch threads."""
+    return {run_key(r): (n, r) for n, r in rows.items()
+            if r.get("workers", 1) == 1 and r.get("threads", r.get("torch_threads")) == threads}
+
+
 def worker_pairs(rows):
-    """[(a, b, name_a, name_b)]: rows of the same run made by 1 process (a) and by several workers (b)."""
-    key = lambda r: (r["dataset"], r["preset"], r["shots"], r["method"], tuple(r.get("ablations", ())))
-    single = {key(r): (n, r) for n, r in rows.items() if r.get("workers", 1) == 1}
-    return [(single[key(r)][1], r, single[key(r)][0], n) for n, r in rows.items()
-            if r.get("workers", 1) > 1 and key(r) in single]
+    """[(a, b, name_a, name_b)]: rows of the same run made by several workers (b, one thread each) and by 1
+    process (a) on as many threads as b has workers: the same cores."""
+    out = []
+    for n, r in rows.items():
+        if r.get("workers", 1) > 1:
+            twin = single_process(rows, r["workers"] * r.get("threads", r.get("torch_threads", 1))).get(run_key(r))
+            if twin:
+                out.append((twin[1], r, twin[0], n))
+    return out
+
+
+def ceiling(a, b, rows):
+    """The most that b's workers could gain over a if they split every phase perfectly: the 1 process x 1 thread
+    twin's time of each phase shared out over the workers, against a's: workers * t(a) / t(1 x 1), per phase and
+    for the projected run (speedups' keys); None when the rows hold no 1 x 1 twin of the run."""
+    one = single_process(rows, 1).get(run_key(b))
+    if one is None:
+        return None
+    return {k: b["workers"] * v if v else None for k, v in speedups(a, one[1]).items()}, one[1]
 
 
 def row_label(r):
@@ -397,9 +421,21 @@ def time_md(timed):
                   "| run | " + " | ".join(name for _, name in SPEEDUP_PHASES) + " | projected first run | projected "
                   "rerun |", "|---|" + "---|" * (len(SPEEDUP_PHASES) + 2)]
         for a, b, _, _ in pairs:
-            s = speedups(a, b)
-            lines.append(f"| {row_label(a)}, {threads_of(b)} against {threads_of(a)} | " + " | ".join(
-                cell(s[k], "{:.2f}x") for k, _ in SPEEDUP_PHASES) + f" | {s['first_run']:.2f}x | {s['rerun']:.2f}x |")
+            lines.append(speedup_row(f"{row_label(a)}, {threads_of(b)} against {threads_of(a)}", speedups(a, b)))
+            top = ceiling(a, b, rows)
+            if top:
+                one = top[1]
+                lines.append(speedup_row(f"{row_label(a)}, {threads_of(a)} against {threads_of(one)} (a second "
+                                         f"thread)", speedups(one, a)))
+                lines.append(speedup_row(f"{row_label(a)}, {threads_of(b)} against {threads_of(one)} (a second "
+                                         f"worker)", speedups(one, b)))
+                lines.append(speedup_row(f"{row_label(a)}, ceiling of {threads_of(b)} against {threads_of(a)}: "
+                                         f"{b['workers']} × ({threads_of(a)} time) / ({threads_of(one)} time)", top[0]))
+        if any(ceiling(a, b, rows) for a, b, _, _ in pairs):
+            lines += ["", "The ceiling is what the workers would gain if each phase of the 1 process × 1 thread run "
+                      "split perfectly between them, with no redundant work and no communication: a phase that a "
+                      "second torch thread already speeds up about as much as a second worker could (recovery: large "
+                      "convolutions) gains nothing from workers."]
     lines.append("")
     for r in rows.values():
         cfg = run_config(r)
@@ -408,6 +444,11 @@ def time_md(timed):
         shares = ", ".join(f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in phases.items() if v >= 0.5)
         lines.append(f"- {row_label(r)}, {threads_of(r)}, a {cfg.rounds}-round run projected: {hms(total)} = {shares}.")
     return "\n".join(lines) + "\n"
+
+
+def speedup_row(label, s):
+    return f"| {label} | " + " | ".join(cell(s[k], "{:.2f}x") for k, _ in SPEEDUP_PHASES) + \
+        f" | {s['first_run']:.2f}x | {s['rerun']:.2f}x |"
 
 
 def bank_md(bank):

@@ -119,6 +119,24 @@ def test_speedup_of_workers_over_one_process_by_hand():
     assert [(n1, n2) for _, _, n1, n2 in pairs] == [("a", "b")]
 
 
+def test_ceiling_of_workers_is_the_one_thread_run_shared_out_by_hand():
+    a = summary(workers=1, threads=2, phases=dict(PHASES))
+    b = summary(workers=2, threads=1, phases=dict(PHASES))
+    # one thread: recovery twice a's 0.5 s (a second thread halved it), replay 1.6 s against a's 1.0; else as a
+    one = summary(workers=1, threads=1, phases=dict(PHASES, recovery=1.0, replay=1.6, round=2.1))
+    rows = {"a": a, "b": b, "one": one}
+    assert [(n1, n2) for _, _, n1, n2 in tables.worker_pairs(rows)] == [("a", "b")]  # paired on equal cores, not 1 x 1
+    top, twin = tables.ceiling(a, b, rows)
+    assert twin is one
+    # 2 workers sharing the one-thread phases: recovery 1.0 / 2 = 0.5 s, a's own: 1.0x; replay 1.6 / 2 = 0.8 s: 1.25x
+    assert top["recovery"] == 1.0 and top["replay"] == pytest.approx(1.25) and top["zoo"] == 2.0
+    # projected runs (140 rounds): a 342 s; one 30 + 10 + 130 * 2.1 + 35 + 7 = 355 s, halved: 177.5 s
+    assert top["first_run"] == pytest.approx(342 / 177.5)
+    assert tables.ceiling(a, b, {"a": a, "b": b}) is None  # no 1 x 1 row: no ceiling
+    doc = tables.time_md({"rows": rows})
+    assert f"| omniglot quick 1-shot, ceiling of 2 × 1 against 1 × 2: 2 × (1 × 2 time) / (1 × 1 time) | 2.00x" in doc
+
+
 def seed_results(values, method="free", flags=(), shots=1, **extra):
     """{run name: record} for one SEED_RUNS entry, one accuracy per seed."""
     return {run_name(method, list(flags) + seed_flags(seed), shots): summary(
