@@ -110,7 +110,8 @@ def phase_seconds(records):
     and `zoo_trained` (teachers trained; None if a zoo record does not say); `warmup_round` and `round` (mean
     seconds of a warm-up and of a training round); `recovery`, `kd`, `replay` (mean seconds of each phase over
     the training rounds, 0 in a round where it did not run); `validation` (mean seconds of a meta-validation);
-    `test` (the meta-test); and the counts they are means of."""
+    `test` (the meta-test); `replay_batches` (mean replay meta-batches a training round); and the counts they are
+    means of."""
     zoo_, rounds, vals, tests = (events(records, k) for k in ("zoo", "round", "val", "test"))
     warm = [r for r in rounds if r["phase"] == "warm-up"]
     train = [r for r in rounds if r["phase"] == "train"]
@@ -123,6 +124,7 @@ def phase_seconds(records):
               "test": tests[-1]["seconds"] if tests else None}
     for phase in ROUND_PHASES:
         phases[phase] = mean_or_none([r["seconds"].get(phase, 0.0) for r in train])
+    phases["replay_batches"] = mean_or_none([r.get("replay_batches", 0) for r in train])  # MAML meta-batches a round
     return phases
 
 

@@ -126,8 +126,33 @@ def speedups(a, b):
 
 
 def time_rows(timed):
-    """The rows of the time section: {name: record} (stored before the workers comparison: the section itself)."""
-    return timed.get("rows", {}) if "rows" in timed else {k: v for k, v in timed.items() if isinstance(v, dict)}
+    """The rows of the time section, {name: record} (stored before the workers comparison: the section itself),
+    at equal replay work (equal_work)."""
+    return equal_work(timed.get("rows", {}) if "rows" in timed else
+                      {k: v for k, v in timed.items() if isinstance(v, dict)})
+
+
+def equal_work(rows):
+    """The rows with every run's replay doing the same work. Replay stops when the train accuracy has not improved
+    for `replay_patience` meta-batches, and float summation order (threads, workers) moves that accuracy, so rows of
+    one run make different numbers of meta-batches; the count does not depend on how the run is spread. Each row's
+    replay (and round) time becomes its seconds per meta-batch times the run's mean count over its rows; the
+    measured phases stay under `measured_phases`. Rows that lack the count are left as they are."""
+    runs = {}
+    for n, r in rows.items():
+        runs.setdefault(run_key(r), []).append(n)
+    out = dict(rows)
+    for names in runs.values():
+        counts = [phases_of(rows[n]).get("replay_batches") for n in names]
+        if not all(counts):
+            continue
+        mean = sum(counts) / len(counts)
+        for n, count in zip(names, counts):
+            ph = dict(phases_of(rows[n]))
+            extra = ph["replay"] * (mean / count - 1)
+            ph.update(replay=ph["replay"] + extra, round=ph["round"] + extra, replay_batches=mean)
+            out[n] = dict(rows[n], phases=ph, measured_phases=phases_of(rows[n]))
+    return out
 
 
 def run_key(r):
@@ -401,23 +426,31 @@ def time_md(timed):
              f"{free.PRESETS['quick']['eval_every']}th round after the warm-up and at the last, then the meta-test); "
              "'teacher zoo' is the zoo phase (teachers trained from an empty cache), '– (cached)' where the run found the "
              "zoo cached. A full run of the row's preset is projected from the phases' times: each phase's time per "
-             "round, validation or run, times how often a full run makes it.", "",
+             "round, validation or run, times how often a full run makes it. The times are as measured; the replay "
+             "of the projections and of the ratios below is at equal work: each row's seconds per meta-batch times the "
+             "mean count of its run's rows (the stopping rule reads a train accuracy that float summation order moves, "
+             "so rows of one run make different counts).", "",
              "| run | processes × threads | rounds timed | teacher zoo s | warm-up round s | training round s | "
-             "of which recovery / KD + Eq. (3) / replay | validation s (each) | meta-test s | wall s | full run "
-             "projected: first run / rerun, zoo cached |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "of which recovery / KD + Eq. (3) / replay | replay meta-batches a round, s each | validation s (each) | "
+             "meta-test s | wall s | full run projected: first run / rerun, zoo cached |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
         ph, cfg = phases_of(r), run_config(r)
+        seen = r.get("measured_phases", ph)
         first, rerun = projected(ph, cfg)
-        split = " / ".join(cell(ph.get(k)) for k in PHASE_NAMES)
+        split = " / ".join(cell(seen.get(k)) for k in PHASE_NAMES)
+        batches = (f"{seen['replay_batches']:.2f}, {seen['replay'] / seen['replay_batches']:.3f}"
+                   if seen.get("replay_batches") else "–")
         trained = f" ({ph['zoo_trained']} trained)" if ph.get("zoo_trained") is not None else ""
         zoo = f"{ph['zoo']:.0f}{trained}" if ph.get("zoo") is not None else "– (cached)"
         lines.append(f"| {row_label(r)} | {threads_of(r)} | {r['rounds']} | {zoo} | {cell(ph.get('warmup_round'))} | "
-                     f"{cell(ph.get('round'))} | {split} | {cell(ph.get('validation'), '{:.1f}')} | "
+                     f"{cell(seen.get('round'))} | {split} | {batches} | {cell(ph.get('validation'), '{:.1f}')} | "
                      f"{cell(ph.get('test'), '{:.1f}')} | {r['wall_seconds']:.0f} | {cfg.rounds} rounds: "
                      f"{hms(first) if ph.get('zoo') is not None else '–'} / {hms(rerun)} |")
     pairs = worker_pairs(rows)
     if pairs:
-        lines += ["", "How many times faster the workers ran than one process (ratio of the times above):", "",
+        lines += ["", "How many times faster the workers ran than one process (ratio of the times above; replay and "
+                  "training round at equal replay work):", "",
                   "| run | " + " | ".join(name for _, name in SPEEDUP_PHASES) + " | projected first run | projected "
                   "rerun |", "|---|" + "---|" * (len(SPEEDUP_PHASES) + 2)]
         for a, b, _, _ in pairs:

@@ -40,10 +40,10 @@ def rnd(r, phase, **seconds):
 METRICS = [  # a run of 2 warm-up and 3 training rounds, resumed once (round 4 written twice), validated twice
     {"event": "zoo", "teachers": 3, "trained": 3, "cached": 0, "seconds": 30.0, "held_out_acc": 0.9},
     rnd(1, "warm-up", recovery=1.0, round=1.5), rnd(2, "warm-up", recovery=1.0, round=2.5),
-    dict(rnd(3, "train", recovery=2.0, kd=0.5, replay=4.0, round=7.0), replay_acc=0.3),
-    dict(rnd(4, "train", recovery=9.0, kd=9.0, replay=9.0, round=99.0), replay_acc=0.9),  # replaced on resume
+    dict(rnd(3, "train", recovery=2.0, kd=0.5, replay=4.0, round=7.0), replay_acc=0.3, replay_batches=4),
+    dict(rnd(4, "train", recovery=9.0, kd=9.0, replay=9.0, round=99.0), replay_acc=0.9, replay_batches=9),  # replaced on resume
     {"event": "zoo", "teachers": 3, "trained": 0, "cached": 3, "seconds": 2.0, "held_out_acc": 0.9},
-    dict(rnd(4, "train", recovery=2.0, kd=0.5, replay=5.0, round=8.0), replay_acc=0.5),
+    dict(rnd(4, "train", recovery=2.0, kd=0.5, replay=5.0, round=8.0), replay_acc=0.5, replay_batches=5),
     rnd(5, "train", recovery=2.0, kd=0.5, round=3.0),  # replay stopped at once: no replay phase
     {"event": "val", "round": 4, "acc": 50.0, "ci95": 1.0, "best": 50.0, "seconds": 10.0},
     {"event": "val", "round": 5, "acc": 52.0, "ci95": 1.5, "best": 52.0, "seconds": 12.0},
@@ -63,10 +63,11 @@ def test_phase_means_are_computed_from_metrics_jsonl_by_hand(tmp_path):
     ph = records.phase_seconds(m)
     # zoo: 30 + 2 s over the two process starts, 3 teachers trained; warm-up rounds 1.5 and 2.5 -> 2.0
     # training rounds 3, 4 (the later copy), 5: round (7 + 8 + 3) / 3 = 6, recovery 2, kd 0.5,
-    # replay (4 + 5 + 0) / 3 = 3 (absent in round 5: it took no time); validations (10 + 12) / 2 = 11; test 40
+    # replay (4 + 5 + 0) / 3 = 3 s in (4 + 5 + 0) / 3 = 3 meta-batches (absent in round 5: it took no time);
+    # validations (10 + 12) / 2 = 11; test 40
     assert ph == {"zoo": 32.0, "zoo_trained": 3, "warmup_rounds": 2, "train_rounds": 3, "validations": 2,
                   "warmup_round": 2.0, "round": 6.0, "validation": 11.0, "test": 40.0, "recovery": 2.0, "kd": 0.5,
-                  "replay": 3.0}
+                  "replay": 3.0, "replay_batches": 3.0}
     assert records.val_curve(m) == [[4, 50.0, 1.0], [5, 52.0, 1.5]]
     assert records.replay_curve(m) == [[3, 0.3], [4, 0.5]] and records.rounds_done(m) == 5
     (tmp_path / "results.json").write_text(json.dumps(summary()))
@@ -117,6 +118,20 @@ def test_speedup_of_workers_over_one_process_by_hand():
     assert s["first_run"] == pytest.approx(342 / 202) and s["rerun"] == pytest.approx(312 / 182)
     pairs = tables.worker_pairs({"a": a, "b": b, "c": summary(workers=2, shots=5)})  # c has no 1-process twin
     assert [(n1, n2) for _, _, n1, n2 in pairs] == [("a", "b")]
+
+
+def test_rows_of_one_run_are_compared_at_equal_replay_work_by_hand():
+    # a: 2 meta-batches a round of 0.5 s; b: 3 of 0.3 s; the run's mean: 2.5 a round
+    a = summary(workers=1, threads=2, phases=dict(PHASES, replay=1.0, replay_batches=2.0))
+    b = summary(workers=2, threads=1, phases=dict(PHASES, replay=0.9, replay_batches=3.0))
+    other = summary(shots=5, phases=dict(PHASES, replay=1.0, replay_batches=4.0))  # another run: its own mean
+    rows = tables.time_rows({"rows": {"a": a, "b": b, "other": other}})
+    assert rows["a"]["phases"]["replay"] == 1.25 and rows["a"]["phases"]["round"] == 2.25  # 2.5 x 0.5; + 0.25
+    assert rows["b"]["phases"]["replay"] == pytest.approx(0.75) and rows["b"]["phases"]["round"] == pytest.approx(1.85)
+    assert rows["a"]["measured_phases"] is a["phases"] and rows["other"]["phases"]["replay"] == 1.0
+    assert tables.speedups(rows["a"], rows["b"])["replay"] == pytest.approx(0.5 / 0.3)  # seconds per meta-batch
+    doc = tables.time_md({"rows": {"a": a, "b": b}})
+    assert "| 2.00 | 0.50 / 0.25 / 1.00 | 2.00, 0.500 |" in doc  # the table shows what was measured
 
 
 def test_ceiling_of_workers_is_the_one_thread_run_shared_out_by_hand():
