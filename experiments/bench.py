@@ -6,7 +6,7 @@ typed by hand (the provenance notes in results.json are text). Run from the repo
     python experiments/bench.py recovery  # recovery speed-up at equal quality (paper §4: ~20x faster)
     python experiments/bench.py sweep     # the accuracy sweep (methods, baselines, ablations x seeds) as commands
     python experiments/bench.py seeds     # ... run here, --jobs at a time
-    python experiments/bench.py time      # the quick preset's time by phase, 1 process x 2 threads vs 2 workers
+    python experiments/bench.py time      # the quick preset's time by phase, 1 process x 2 threads vs 2 workers, and 1 x 1
     python experiments/bench.py rounds    # FREE 1-shot continued to longer runs: meta-validation by round
     python experiments/bench.py bank      # why MAML replay on the memory bank is a weak signal
     python experiments/bench.py kd        # what KD and Eq. (3) alone do to theta

@@ -119,11 +119,13 @@ def cost(results, sweep):
                          f"this speed; for {cfg.rounds} rounds to fit them, replay would have to take "
                          + (f"under {need:.2f} s a round." if need > 0 else f"no time at all, and more: everything else "
                             f"takes {hms(other)}."))
-    for a, b, _, _ in tables.worker_pairs(tables.time_rows(results.get("time", {}))):
-        s = tables.speedups(a, b)
+    timed = tables.time_rows(results.get("time", {}))
+    for a, b, _, _ in tables.worker_pairs(timed):
+        s, top = tables.speedups(a, b), tables.ceiling(a, b, timed)
         lines.append(f"- {a['shots']}-shot with {threads_of(b)} (workers × threads) against {threads_of(a)}: the projected "
                      f"run is {s['first_run']:.2f}x faster on a first run and {s['rerun']:.2f}x with the zoo cached; "
-                     f"replay {tables.cell(s['replay'], '{:.2f}x')}, recovery {tables.cell(s['recovery'], '{:.2f}x')}.")
+                     f"replay {tables.cell(s['replay'], '{:.2f}x')}, recovery {tables.cell(s['recovery'], '{:.2f}x')}"
+                     + (f"; a perfect split of the 1 × 1 run would give at most {top[0]['first_run']:.2f}x." if top else "."))
     fo = [r for r in tables.time_rows(results.get("time", {})).values() if r.get("ablations") == ["first-order"]]
     plain = quick_rows(results)
     for r in fo:
@@ -420,7 +422,7 @@ REPRODUCE = ["    python experiments/bench.py recovery  # recovery speed-up at e
              "    python experiments/bench.py sweep > sweep.txt  # the accuracy sweep, one free.py command a line",
              "    parallel -j 2 < sweep.txt             # ... run anywhere (or: xargs -d '\\n' -n 1 -P 2 sh -c < sweep.txt)",
              "    python experiments/bench.py seeds     # ... or run here, --jobs at a time",
-             "    python experiments/bench.py time      # the quick preset by phase: 1 process x 2 threads vs 2 workers",
+             "    python experiments/bench.py time      # the quick preset by phase: 1 process x 2 threads vs 2 workers (and 1 x 1)",
              "    python experiments/bench.py rounds --rounds 60   # FREE 1-shot, seeds 0-2, at 60 rounds (likewise 120, 140)",
              "    python experiments/bench.py rounds    # ... and on to 200, each continuing the longest shorter run",
              "    python experiments/bench.py bank      # teachers on each other's recovered images, bank vs real tasks",
