@@ -180,7 +180,8 @@ def worker_pairs(rows):
 def ceiling(a, b, rows):
     """The most that b's workers could gain over a if they split every phase perfectly: the 1 process x 1 thread
     twin's time of each phase shared out over the workers, against a's: workers * t(a) / t(1 x 1), per phase and
-    for the projected run (speedups' keys); None when the rows hold no 1 x 1 twin of the run."""
+    for the projected run (speedups' keys). Returns (those ratios, the 1 x 1 record), or None when the rows hold no
+    1 x 1 twin of the run."""
     one = single_process(rows, 1).get(run_key(b))
     if one is None:
         return None
