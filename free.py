@@ -781,7 +781,7 @@ class Run:
         cfg = self.cfg
         folder = zoo_dir(cfg.cache, ds.name, cfg.teacher_arch, cfg.n_teachers, cfg.way, cfg.seed, cfg.preset)
         cached = sum(teacher_path(folder, i).is_file() for i in range(cfg.n_teachers))
-        workers.barrier()  # no worker trains a teacher before rank 0 has counted the cached ones
+        workers.barrier()  # every rank counts (rank 0's count is recorded) before any worker trains a teacher
         t0 = time.perf_counter()
         teachers = load()
         self.record("zoo", teachers=len(teachers), trained=len(teachers) - cached, cached=cached,

@@ -42,7 +42,7 @@ def my_share(n):
 
 def sum_over_workers(tensors):
     """Sum each tensor over the workers, in place; returns them. One all-reduce of them all laid end to end:
-    a collective's cost is mostly its latency, whatever its size."""
+    for a model this small, a collective's cost is mostly its latency, whatever its size."""
     if world_size() > 1 and tensors:
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)

@@ -125,7 +125,7 @@ def cost(results, sweep):
         lines.append(f"- {a['shots']}-shot with {threads_of(b)} (workers × threads) against {threads_of(a)}: the projected "
                      f"run is {s['first_run']:.2f}x faster on a first run and {s['rerun']:.2f}x with the zoo cached; "
                      f"replay {tables.cell(s['replay'], '{:.2f}x')}, recovery {tables.cell(s['recovery'], '{:.2f}x')}"
-                     + (f"; a perfect split of the 1 × 1 run would give at most {top[0]['first_run']:.2f}x." if top else "."))
+                     + (f"; a perfect split of the 1 × 1 run would give {top[0]['first_run']:.2f}x." if top else "."))
     fo = [r for r in tables.time_rows(results.get("time", {})).values() if r.get("ablations") == ["first-order"]]
     plain = quick_rows(results)
     for r in fo:

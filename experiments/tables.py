@@ -135,9 +135,10 @@ def time_rows(timed):
 def equal_work(rows):
     """The rows with every run's replay doing the same work. Replay stops when the train accuracy has not improved
     for `replay_patience` meta-batches, and float summation order (threads, workers) moves that accuracy, so rows of
-    one run make different numbers of meta-batches; the count does not depend on how the run is spread. Each row's
+    one run make different numbers of meta-batches: noise, not an effect of how the run is spread. Each row's
     replay (and round) time becomes its seconds per meta-batch times the run's mean count over its rows; the
-    measured phases stay under `measured_phases`. Rows that lack the count are left as they are."""
+    measured phases stay under `measured_phases`. A run any of whose rows lacks the count (or made no meta-batch)
+    is left as measured."""
     runs = {}
     for n, r in rows.items():
         runs.setdefault(run_key(r), []).append(n)
@@ -166,8 +167,8 @@ def single_process(rows, threads):
 
 
 def worker_pairs(rows):
-    """[(a, b, name_a, name_b)]: rows of the same run made by several workers (b, one thread each) and by 1
-    process (a) on as many threads as b has workers: the same cores."""
+    """[(a, b, name_a, name_b)]: rows of the same run made by several workers (b) and by 1 process (a) on as many
+    threads as b's workers have in all: the same cores."""
     out = []
     for n, r in rows.items():
         if r.get("workers", 1) > 1:
@@ -178,14 +179,15 @@ def worker_pairs(rows):
 
 
 def ceiling(a, b, rows):
-    """The most that b's workers could gain over a if they split every phase perfectly: the 1 process x 1 thread
-    twin's time of each phase shared out over the workers, against a's: workers * t(a) / t(1 x 1), per phase and
+    """What b's workers would gain over a if they split every phase perfectly: the 1 process x 1 thread twin's
+    time of each phase shared out over b's threads, against a's: cores * t(a) / t(1 x 1), per phase and
     for the projected run (speedups' keys). Returns (those ratios, the 1 x 1 record), or None when the rows hold no
     1 x 1 twin of the run."""
     one = single_process(rows, 1).get(run_key(b))
     if one is None:
         return None
-    return {k: b["workers"] * v if v else None for k, v in speedups(a, one[1]).items()}, one[1]
+    cores = b["workers"] * b.get("threads", b.get("torch_threads", 1))
+    return {k: cores * v if v else None for k, v in speedups(a, one[1]).items()}, one[1]
 
 
 def row_label(r):
@@ -463,13 +465,15 @@ def time_md(timed):
                                          f"thread)", speedups(one, a)))
                 lines.append(speedup_row(f"{row_label(a)}, {threads_of(b)} against {threads_of(one)} (a second "
                                          f"worker)", speedups(one, b)))
+                cores = b["workers"] * b.get("threads", 1)
                 lines.append(speedup_row(f"{row_label(a)}, ceiling of {threads_of(b)} against {threads_of(a)}: "
-                                         f"{b['workers']} × ({threads_of(a)} time) / ({threads_of(one)} time)", top[0]))
+                                         f"{cores} × ({threads_of(a)} time) / ({threads_of(one)} time)", top[0]))
         if any(ceiling(a, b, rows) for a, b, _, _ in pairs):
             lines += ["", "The ceiling is what the workers would gain if each phase of the 1 process × 1 thread run "
-                      "split perfectly between them, with no redundant work and no communication: a phase that a "
-                      "second torch thread already speeds up about as much as a second worker could (recovery: large "
-                      "convolutions) gains nothing from workers."]
+                      "split perfectly between them, with no redundant work and no communication (an ideal that "
+                      "measurement noise can exceed a little): a phase that a second torch thread already speeds up "
+                      "almost as much as a second worker could (recovery: large convolutions) gains little from "
+                      "workers."]
     lines.append("")
     for r in rows.values():
         cfg = run_config(r)

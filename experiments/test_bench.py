@@ -130,6 +130,8 @@ def test_rows_of_one_run_are_compared_at_equal_replay_work_by_hand():
     assert rows["b"]["phases"]["replay"] == pytest.approx(0.75) and rows["b"]["phases"]["round"] == pytest.approx(1.85)
     assert rows["a"]["measured_phases"] is a["phases"] and rows["other"]["phases"]["replay"] == 1.0
     assert tables.speedups(rows["a"], rows["b"])["replay"] == pytest.approx(0.5 / 0.3)  # seconds per meta-batch
+    old = summary(workers=2, threads=1, phases=dict(PHASES, replay=0.9))  # a record without the count
+    assert tables.time_rows({"rows": {"a": a, "old": old}})["a"]["phases"] is a["phases"]  # the run stays as measured
     doc = tables.time_md({"rows": {"a": a, "b": b}})
     assert "| 2.00 | 0.50 / 0.25 / 1.00 | 2.00, 0.500 |" in doc  # the table shows what was measured
 
