@@ -396,15 +396,21 @@ def decode_cub(path, size):
     return np.stack([found[k] for k in keys]), labels, classes
 
 
-def save_npz_atomic(dest, **arrays):
+def atomic_write(dest, write):
+    """Call write(file object) on a temp file beside `dest` (a Path), then rename it to `dest`: a reader, or a
+    run killed halfway, never sees half a file. Every cache, checkpoint and record of the project is written so."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_npz_atomic(dest, **arrays):
+    atomic_write(dest, lambda f: np.savez(f, **arrays))
 
 
 def load_cub(data_root, mirror, image_size):

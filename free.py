@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ import torch
 import maml
 import recover
 import workers
-from data import DATASETS, UserError, load_dataset, sample_tasks
+from data import DATASETS, UserError, atomic_write, load_dataset, sample_tasks
 from models import ARCHS, Conv4, Generator
 from zoo import QUICK_SETTINGS, build_zoo, load_checkpoint, mirror_invariant, paper_settings, teacher_path, zoo_dir
 
@@ -908,16 +909,11 @@ def format_row(row, rounds, elapsed, eta):
 
 
 def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def atomic_text(text, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def write_json_atomic(obj, path):

@@ -17,9 +17,7 @@ Differences from the authors' code:
 """
 import copy
 import json
-import os
 import pickle
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import DataError, UserError
+from data import DataError, UserError, atomic_write
 from models import ARCHS, build_model
 from recover import AUG_PAD, augment
 
@@ -209,18 +207,6 @@ def zoo_dir(cache_root, dataset_name, arch, n, way, seed, preset):
 
 def teacher_path(folder, index):
     return folder / f"teacher_{index:03d}.pt"
-
-
-def atomic_write(dest, write):
-    """Call write(file object) on a temp file beside `dest`, then rename it to `dest`."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_checkpoint(path, error, what, advice):

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import free  # noqa: E402  (after the path above)
 import zoo  # noqa: E402
-from data import UserError  # noqa: E402
+from data import UserError, atomic_write  # noqa: E402
 
 RUNS = ROOT / "experiments" / "runs"  # default folder of the runs the experiments make (git-ignored)
 RESULTS = ROOT / "experiments" / "results"  # default folder of results.json and the figures
@@ -187,7 +187,7 @@ def load_results(results_dir):
 
 def save_results(results, results_dir):
     os.makedirs(results_dir, exist_ok=True)
-    zoo.atomic_write(Path(results_dir) / "results.json", lambda f: f.write(compact_json(results).encode()))
+    atomic_write(Path(results_dir) / "results.json", lambda f: f.write(compact_json(results).encode()))
 
 
 def store(results, results_dir, key, name, value):

@@ -11,6 +11,7 @@ from pathlib import Path
 import records  # first: puts the repository root on sys.path
 import free
 import tables
+from data import atomic_write
 from records import SEEDS, phases_of, preset_rounds
 from tables import (VAL_MARGIN, by_length, component, hms, longest_curves, paired, per_seed, projected, run_config,
                     signed, spread, threads_of)
@@ -456,8 +457,8 @@ def write_documents(results, results_dir, sweep=records.Sweep(), readme=None):
             head, rest = text.split(start, 1)
             links = portable_link(doc, readme), portable_link(Path(results_dir) / FIGURE, readme)
             table = readme_table(results, sweep, *links)
-            Path(str(readme) + ".tmp").write_text(head + start + "\n" + table + end + rest.split(end, 1)[1])
-            os.replace(str(readme) + ".tmp", readme)
+            text = head + start + "\n" + table + end + rest.split(end, 1)[1]
+            atomic_write(Path(readme), lambda f: f.write(text.encode()))
     return drawn
 
 
