@@ -90,7 +90,7 @@ def quick_rows(results):
     """{(shots, processes × threads): record} of the time table's FREE rows of the quick preset on Omniglot."""
     rows = tables.time_rows(results.get("time", {}))
     return {(r["shots"], threads_of(r)): r for r in rows.values()
-            if (r["dataset"], r["preset"], r["method"], tuple(r.get("ablations", ()))) == ("omniglot", "quick", "free", ())}
+            if tables.run_key(r) == ("omniglot", "quick", r["shots"], "free", ())}
 
 
 def rounds_within(ph, r, budget):

@@ -366,8 +366,8 @@ def fewest_rounds_ahead(curves, avg, margin):
 
 def one_shot_timed(timed):
     """{processes × threads: record} of the time section's FREE 1-shot quick-preset rows on Omniglot."""
-    return {threads_of(r): r for r in time_rows(timed or {}).values() if (r["dataset"], r["preset"], r["shots"],
-            r["method"], tuple(r.get("ablations", ()))) == ("omniglot", "quick", 1, "free", ())}
+    return {threads_of(r): r for r in time_rows(timed or {}).values()
+            if run_key(r) == ("omniglot", "quick", 1, "free", ())}
 
 
 def rounds_md(results):
