@@ -398,7 +398,7 @@ def decode_cub(path, size):
 
 def atomic_write(dest, write):
     """Call write(file object) on a temp file beside `dest` (a Path), then rename it to `dest`: a reader, or a
-    run killed halfway, never sees half a file. Every cache, checkpoint and record of the project is written so."""
+    run killed halfway, never sees half a file (the caches, checkpoints and results that later runs read back)."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
