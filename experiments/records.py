@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import free  # noqa: E402  (after the path above)
+import run  # noqa: E402
 import zoo  # noqa: E402
 from data import UserError, atomic_write  # noqa: E402
 
@@ -249,7 +251,7 @@ def preset_rounds(preset):
 
 def target_rounds(method, flags, preset="quick"):
     """The rounds a run asks for: its --rounds flag, else the preset's; 0 for the untrained baselines."""
-    if method not in free.TRAINED:
+    if method not in run.TRAINED:
         return 0
     return int(flags[flags.index("--rounds") + 1]) if "--rounds" in flags else preset_rounds(preset)
 
@@ -370,10 +372,13 @@ def run_all(jobs, n, on_done):
     on_done(job) follows each success. A failed run does not stop the others; they are named at the end.
     Ctrl-C sends each running run one SIGINT (free.py then finishes its round and saves last.pt), waits for
     them, and re-raises, so the same command resumes them."""
-    procs, failed = {}, []
+    procs, failed, lock, stopping = {}, [], threading.Lock(), threading.Event()
 
-    def run(job):
-        procs[job.name] = p = start(job.argv(), job.env, job.out)
+    def run_job(job):
+        with lock:  # a job starts before the Ctrl-C (and is signalled below) or never
+            if stopping.is_set():
+                return False
+            procs[job.name] = p = start(job.argv(), job.env, job.out)
         if p.wait() != 0:
             failed.append(f"{job.name} (status {p.returncode}; see {portable(job.out)}/stdout.txt)")
             return False
@@ -381,12 +386,14 @@ def run_all(jobs, n, on_done):
 
     pool = concurrent.futures.ThreadPoolExecutor(n)
     try:
-        futures = {pool.submit(run, job): job for job in jobs}
+        futures = {pool.submit(run_job, job): job for job in jobs}
         for fut in concurrent.futures.as_completed(futures):
             if fut.result():
                 on_done(futures[fut])
     except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
+        with lock:
+            stopping.set()  # no job starts after this, whether queued or picked up by a thread just now
+        pool.shutdown(wait=False, cancel_futures=True)
         for p in list(procs.values()):
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)

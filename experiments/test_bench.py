@@ -23,6 +23,7 @@ import probes
 import records
 import recover
 import report
+import run
 import tables
 from records import SEEDS, Sweep, run_name, seed_flags
 
@@ -89,7 +90,7 @@ def test_a_damaged_metrics_line_is_a_user_error_and_old_records_read_their_summa
 def test_paper_run_validates_49_times():
     # rounds 21..1000 (after the 20 warm-up rounds), every 20th: 40, 60, ..., 1000
     paper = free.Config()
-    assert sum(free.is_validation_round(paper, r) for r in range(1, paper.rounds + 1)) == 49
+    assert sum(run.is_validation_round(paper, r) for r in range(1, paper.rounds + 1)) == 49
 
 
 PHASES = dict(zoo=30.0, zoo_trained=3, warmup_round=1.0, round=2.0, recovery=0.5, kd=0.25, replay=1.0,
@@ -241,6 +242,50 @@ def test_ctrl_c_stops_each_running_run_once_and_starts_no_queued_one(tmp_path):
         records.run_all(jobs, 2, lambda job: None)
     assert all(os.path.exists(os.path.join(j.out, "stopped")) for j in jobs[:2])
     assert not os.path.exists(jobs[2].out)  # queued: never started
+
+
+class FakeProcess:
+    """What run_all reads of a started run: wait() returns 130 once SIGINT was sent, 0 if none came in WAIT_S."""
+    WAIT_S = 2.0
+
+    def __init__(self):
+        self.interrupted = threading.Event()
+
+    def send_signal(self, sig):
+        assert sig == signal.SIGINT
+        self.interrupted.set()
+
+    def poll(self):
+        return 130 if self.interrupted.is_set() else None
+
+    def wait(self):
+        return 130 if self.interrupted.wait(self.WAIT_S) else 0
+
+    @property
+    def returncode(self):
+        return self.poll()
+
+
+def test_ctrl_c_while_a_run_is_starting_stops_it_and_starts_no_other(tmp_path, monkeypatch):
+    """Ctrl-C arrives while a run's process is being started (its start is slow): that run is still stopped
+    (it was not yet among the running ones when the Ctrl-C came), and no job starts after the Ctrl-C, even one
+    that a pool thread had already picked up."""
+    jobs = [Sleeper(tmp_path, f"run{i}") for i in range(4)]
+    started = {}
+
+    def slow_start(argv, env, out):
+        name = os.path.basename(out)
+        started[name] = p = FakeProcess()
+        if name == "run0":
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C now, mid-start
+            time.sleep(0.3)  # the start takes a while longer: bench.py handles the Ctrl-C meanwhile
+        return p
+
+    monkeypatch.setattr(records, "start", slow_start)
+    with pytest.raises(KeyboardInterrupt):
+        records.run_all(jobs, 2, lambda job: None)
+    assert list(started) == ["run0"]  # run1 was picked up by the second thread, and refused after the Ctrl-C
+    assert started["run0"].interrupted.wait(FakeProcess.WAIT_S)
 
 
 def finished_run(runs, name, acc, rounds, metrics=METRICS):
