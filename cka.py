@@ -23,6 +23,7 @@ one `error: ...` line (status 2 from argparse, 1 from the checks). Ctrl-C ends a
 """
 import argparse
 import csv
+import io
 import json
 import os
 import signal
@@ -36,8 +37,9 @@ INTERRUPTED = "interrupted; cached teachers are kept, rerun the same command to 
 
 def exit_on_interrupt(signum, frame):
     """SIGINT handler of the command: one line on stderr and exit status 130 (128 + SIGINT), no
-    traceback. SystemExit still runs `finally` blocks (zoo.py's atomic writes drop their temp
-    file); a second Ctrl-C while they (or the interpreter's shutdown) run ends it at once."""
+    traceback. SystemExit still runs `finally` blocks (data.atomic_write, which zoo.py and this
+    command write through, drops its temp file); a second Ctrl-C while they (or the interpreter's
+    shutdown) run ends it at once."""
     signal.signal(signal.SIGINT, exit_now)
     os.write(sys.stderr.fileno(), f"{INTERRUPTED}\n".encode())  # unbuffered: safe inside a print
     raise SystemExit(130)
@@ -55,12 +57,12 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
 from data import UserError
-from free import pick_device, set_seed
+from external import fit_input
+from run import pick_device, set_seed
 from zoo import ZooSettings, build_zoo
 
 FEATURE_BATCH = 256  # images per forward pass when extracting probe features (memory only)
@@ -112,19 +114,10 @@ def linear_cka(X, Y):
 
 def fit_to_model(x, model):
     """Resize/convert images x [n, C, H, W] to the model's input (`model.arch` in_channels,
-    image_size), so models of different data sets see the same probe; no-op when they match."""
+    image_size) with external.fit_input, so models of different data sets see the same probe; no-op when they
+    match."""
     arch = getattr(model, "arch", {})
-    channels, size = arch.get("in_channels", x.shape[1]), arch.get("image_size", x.shape[-1])
-    if x.shape[1] != channels:
-        if x.shape[1] == 1:
-            x = x.expand(-1, channels, -1, -1)  # grey -> repeated channels
-        elif channels == 1:
-            x = x.mean(dim=1, keepdim=True)  # colour -> grey
-        else:
-            raise ValueError(f"cannot map {x.shape[1]}-channel probe images to {channels} channels")
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x
+    return fit_input(x, arch.get("image_size", x.shape[-1]), arch.get("in_channels", x.shape[1]))
 
 
 @torch.no_grad()
@@ -194,7 +187,7 @@ def write_heatmap_png(matrix, labels, path, title=""):
         draw.line([bx, y0 + k, bx + BAR_PX - 1, y0 + k], fill=colour_of(1 - k / max(grid - 1, 1)))
     draw.text((bx + BAR_PX + 3, y0), "1.0", fill="black")
     draw.text((bx + BAR_PX + 3, y0 + grid - 10), "0.0", fill="black")
-    img.save(path)
+    data.atomic_write(Path(path), lambda f: img.save(f, format="PNG"))
     return img.size
 
 
@@ -211,12 +204,13 @@ def text_heatmap(matrix, labels):
 
 
 def write_csv(matrix, labels, path):
-    """CSV with a header row of labels, then one row per label of CKA values."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([""] + list(labels))
-        for label, row in zip(labels, matrix):
-            w.writerow([label] + [f"{v:.4f}" for v in row])
+    """CSV with a header row of labels, then one row per label of CKA values (written atomically)."""
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow([""] + list(labels))
+    for label, row in zip(labels, matrix):
+        w.writerow([label] + [f"{v:.4f}" for v in row])
+    data.atomic_write(Path(path), lambda f: f.write(text.getvalue().encode()))
 
 
 # ----------------------------------------------------------------------------- command (Fig. 1)
@@ -398,7 +392,7 @@ def main(argv=None):
     set_seed(args.seed)
     ds = data.load_dataset(args.dataset, args.data_root, seed=args.seed)  # before any file is written
     os.makedirs(args.out, exist_ok=True)
-    Path(args.out, "config.json").write_text(json.dumps(config, indent=1))
+    data.atomic_write(Path(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=1).encode()))
     probe = make_probe(ds, preset["probe"], args.seed)  # [n_probe, C, H, W]
     print(f"probe: {len(probe)} meta-train images of {ds.name} ({ds.channels}x{ds.image_size}"
           f"x{ds.image_size}), drawn with seed {args.seed}")

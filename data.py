@@ -5,12 +5,14 @@ ever reaches the method through the teacher zoo (zoo.py) and the meta-val / meta
 
 Data sets: CIFAR-FS (Bertinetto et al. 2019, 64/16/20 CIFAR-100 classes), miniImageNet (Ravi &
 Larochelle split, user-placed pickle caches), CUB-200-2011 (the authors' index split), the
-multi-domain mix of those three at 84x84, Omniglot (split by alphabet) and a procedurally generated
-`synthetic` set for fast tests. Every split holds its images once, as uint8 [N, C, H, W];
-`sample_tasks` turns them into float tasks in [0, 1] (models normalise their own inputs).
+multi-domain mix of those three at 84x84, Omniglot (split by alphabet), a procedurally generated
+`synthetic` set for fast tests, and `folder`: the user's own images in DIR/{train,val,test}/<class>/
+(ours, not in the paper; `read_image` also reads the images that adapt.py adapts to). Every split
+holds its images once, as uint8 [N, C, H, W]; `sample_tasks` turns them into float tasks in [0, 1]
+(models normalise their own inputs).
 
-`mean` / `std` of a data set are per-channel statistics of its meta-train split (in [0, 1] units),
-computed in chunks; the teachers' input normalisation uses them.
+`mean` / `std` of a data set are per-channel statistics of its meta-train split (in [0, 1] units;
+a folder set without train/ uses its meta-val split), computed in chunks; the teachers' input normalisation uses them.
 
 Differences from the authors' code: no hard-coded paths; downloads are checked (size and MD5) and
 written atomically; data set and split choices are named constants below.
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-DATASETS = ("cifarfs", "miniimagenet", "cub", "mix", "omniglot", "synthetic")
+DATASETS = ("cifarfs", "miniimagenet", "cub", "mix", "omniglot", "synthetic", "folder")
 README_DATA = "see README, section Data"
 
 # --- CIFAR-FS (Bertinetto et al. 2019): CIFAR-100 from the CIFAR authors' site ----------------
@@ -87,6 +89,16 @@ SYNTHETIC_SHIFT = 0.1  # max random shift per image, fraction of the image side
 SYNTHETIC_NOISE = 0.2  # std of per-pixel Gaussian noise
 SYNTHETIC_COLOUR_JITTER = 0.2  # std of per-image shape colour jitter
 SYNTHETIC_STRIPE_FREQ = 40.0  # stripes: sin(40 x) > 0, a period of ~1/6 of the image side
+
+# --- folder: the user's own images, DIR/{train,val,test}/<class>/*.png|jpg (ours, not in the paper) ----------
+FOLDER_SPLITS = ("train", "val", "test")
+SIZE_MULTIPLE = 4  # a run's image side is a multiple of 4: the meta-generator starts at s/4 (supplement Table 1)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # PNG or JPEG, in any letter case
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # Pillow modes of grey images
+CHANNEL_MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode images are converted to
+FOLDER_CACHE = ".free_cache_{size}_{channels}.npz"  # in DIR: the decoded images and the layout's digest
+FOLDER_NAME_DIGITS = 10  # hex digits of the layout digest in a folder set's name ("folder-1a2b3c4d5e")
+FOLDER_LAYOUT = "expected DIR/train/, DIR/val/ and DIR/test/, each holding <class>/ folders of PNG or JPEG images"
 
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_CHUNK = 1 << 20
@@ -250,15 +262,16 @@ def make_split(images, labels):
     return Split(images, labels, sorted(set(labels.tolist())))
 
 
-def assemble(name, splits, class_names, domain_of_class=None):
-    """Build a FewShotDataset; mean/std come from the meta-train split."""
+def assemble(name, splits, class_names, domain_of_class=None, stats_split="train"):
+    """Build a FewShotDataset; mean/std come from the meta-train split (or `stats_split`: a folder set
+    without train/ takes them from val)."""
     train = splits["train"]
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         overlap = set(splits[a].classes) & set(splits[b].classes)
         if overlap:
             raise DataError(f"{name}: classes {sorted(overlap)[:5]} are in both {a} and {b}; "
                             f"expected disjoint splits")
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(splits[stats_split].images)
     return FewShotDataset(name=name, image_size=train.images.shape[-1],
                           channels=train.images.shape[1], mean=mean, std=std,
                           class_names=list(class_names),
@@ -614,12 +627,189 @@ def load_synthetic(image_size, seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# folder: the user's own images in class folders (not in the paper)
+# ----------------------------------------------------------------------------------------------
+def is_hidden(path):
+    return path.name.startswith(".")
+
+
+def image_files(folder):
+    """The PNG / JPEG files directly in `folder` (not hidden), sorted by name."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not is_hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def class_folders(folder, what):
+    """[(class name, [image paths])] of `folder`/<class>/*.png|jpg, sorted by class name (the folder name).
+    `what` names the folder in errors ("the train split", "--support"). Raises DataError for a folder with
+    no class folders, images beside the class folders, or a class folder with no images."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p))
+    loose = image_files(folder)
+    if not classes:
+        found = f"; found {len(loose)} images directly in it: move each into its class folder" if loose else ""
+        raise DataError(f"{what} {folder} holds no class folders; expected {folder}/<class>/ folders of "
+                        f"PNG or JPEG images{found}")
+    if loose:
+        raise DataError(f"{what} {folder} holds {len(loose)} images beside its class folders (e.g. "
+                        f"{loose[0].name}); expected every image inside a class folder: move them into one")
+    out = []
+    for c in classes:
+        files = image_files(c)
+        if not files:
+            raise DataError(f"class folder {c} of {what} holds no images; expected PNG or JPEG files "
+                            f"({', '.join(IMAGE_SUFFIXES)}) in it; add some or remove the folder")
+        out.append((c.name, files))
+    return out
+
+
+def unreadable(path, e):
+    """The DataError of an image file Pillow cannot read (its reason, without repeating the path)."""
+    reason = type(e).__name__ if str(path) in str(e) else f"{type(e).__name__}: {e}"
+    return DataError(f"cannot read image {path} ({reason}); expected a PNG or JPEG file; replace or remove it")
+
+
+def read_image(path, size, channels):
+    """One image file -> uint8 [channels, size, size]: decoded by Pillow, converted to grey ("L") or
+    colour ("RGB"), resized to a square with bilinear filtering as CUB's images are (decode_jpeg: JPEG
+    draft scaling, then Pillow's bilinear resize; the aspect ratio is not kept). 16-bit grey images
+    keep their top 8 bits. An unreadable file raises DataError naming it."""
+    mode = CHANNEL_MODES[channels]
+    try:
+        with Image.open(path) as img:
+            img.draft(mode, (size, size))  # a JPEG decoder downscales first (no-op for PNG)
+            if img.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("L") would clip at 255
+                img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise unreadable(path, e) from e
+    x = torch.from_numpy(np.array(img, dtype=np.uint8))  # [size, size] or [size, size, 3]
+    return x.view(size, size, channels).permute(2, 0, 1).contiguous()  # [channels, size, size]
+
+
+def image_header(path):
+    """(width, height, Pillow mode) of an image file, read from its header (no decode)."""
+    try:
+        with Image.open(path) as img:
+            return img.size[0], img.size[1], img.mode
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise unreadable(path, e) from e
+
+
+def median_side(sizes):
+    """The folder set's image size when none is given: the median over images of the mean side, rounded half up
+    to a multiple of SIZE_MULTIPLE (the meta-generator's output side, supplement Table 1),
+
+        s = SIZE_MULTIPLE * round( median_i( (w_i + h_i) / 2 ) / SIZE_MULTIPLE ),
+
+    so a set of mostly 84x84 images with a few odd ones stays 84, and a 60x100 image counts as 80."""
+    return SIZE_MULTIPLE * int(np.floor(np.median([(w + h) / 2 for w, h in sizes]) / SIZE_MULTIPLE + 0.5))
+
+
+def channels_of(modes):
+    """1 when every image is grey (Pillow modes GREY_MODES), else 3: one colour image makes the set colour.
+    Palette images ("P") count as colour."""
+    return 1 if all(m in GREY_MODES for m in modes) else 3
+
+
+def folder_layout(root, need_train):
+    """{split: [(class name, [image paths])]} of DIR/{train,val,test}/<class>/*; train may be absent
+    (then []) when not `need_train`. A class name in two splits is a DataError naming both."""
+    layout, split_of_name = {}, {}
+    for s in FOLDER_SPLITS:
+        folder = root / s
+        if not folder.is_dir():
+            if s == "train" and not need_train:
+                layout[s] = []
+                continue
+            raise DataError(f"folder data set {root}: no {s}/ folder; {FOLDER_LAYOUT}")
+        layout[s] = class_folders(folder, f"the {s} split")
+        for name, _ in layout[s]:
+            if name in split_of_name:
+                raise DataError(f"folder data set {root}: class {name!r} is in both {split_of_name[name]}/ and "
+                                f"{s}/; expected each class in one split (meta-train, meta-val and meta-test "
+                                f"classes are disjoint); rename or remove one")
+            split_of_name[name] = s
+    return layout
+
+
+def layout_entries(root, files):
+    """(relative path, byte size, modification time in ns) of each file, sorted: the layout's fingerprint."""
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def digest(rows):
+    """SHA-256 (hex) over `rows`, one tab-separated line each."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(("\t".join(map(str, row)) + "\n").encode())
+    return h.hexdigest()
+
+
+def decode_folder(layout, size, channels):
+    """Decode every image of the layout -> (uint8 [N, channels, size, size], int64 [N] global class ids,
+    class names, split of each class). Global ids: train classes sorted, then val's, then test's."""
+    images, labels, names, split_of = [], [], [], []
+    for s in FOLDER_SPLITS:
+        for name, files in layout[s]:
+            images += [read_image(p, size, channels).numpy() for p in files]
+            labels += [len(names)] * len(files)
+            names.append(name)
+            split_of.append(s)
+    return np.stack(images), np.array(labels, dtype=np.int64), names, split_of
+
+
+def load_folder(root, image_size, need_train=True):
+    """The user's own few-shot set: DIR/train/<class>/*, DIR/val/<class>/*, DIR/test/<class>/* (PNG or JPEG,
+    any size, grey or colour); the class folders' names are the class names, each split's classes its own.
+
+    Size: `image_size`, else median_side over the images' headers. Channels: channels_of their modes.
+    mean/std come from the train split as for every data set; without train/ (need_train=False, its split
+    then empty) from the val split. The decoded images are cached in DIR/FOLDER_CACHE, keyed by a digest of
+    the layout (relative paths, byte sizes, modification times): adding, removing or changing an image
+    rebuilds it; a folder that is not writable is decoded on every load. The data set's name is
+    "folder-" + a digest of the paths, byte sizes, size and channels, so that the teacher zoo cache
+    (zoo.zoo_dir, keyed by the name) never mixes two folder sets."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"folder data set {root}: no such folder; {FOLDER_LAYOUT}; pass that folder DIR itself "
+                        f"as --data-root")
+    layout = folder_layout(root, need_train)
+    files = [p for s in FOLDER_SPLITS for _, fs in layout[s] for p in fs]
+    headers = [image_header(p) for p in files]
+    size = image_size or median_side([(w, h) for w, h, _ in headers])
+    channels = channels_of([m for _, _, m in headers])
+    entries = layout_entries(root, files)
+    fingerprint = digest(entries)
+    cache = root / FOLDER_CACHE.format(size=size, channels=channels)
+    arrays = None
+    if cache.is_file():
+        try:
+            with np.load(cache) as z:
+                if str(z["fingerprint"]) == fingerprint:
+                    arrays = z["images"], z["labels"], z["names"].tolist(), z["split_of"].tolist()
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise DataError(f"the image cache {cache} is unreadable ({type(e).__name__}); delete it and run "
+                            f"again") from e
+    if arrays is None:
+        arrays = decode_folder(layout, size, channels)
+        if os.access(root, os.W_OK):
+            images, labels, names, split_of = arrays
+            save_npz_atomic(cache, images=images, labels=labels, names=np.array(names),
+                            split_of=np.array(split_of), fingerprint=np.array(fingerprint))
+    images, labels, names, split_of = arrays
+    splits = split_by_class(torch.from_numpy(images), labels, split_of)  # no train/: train holds [0, C, s, s]
+    name = "folder-" + digest([e[:2] for e in entries] + [(size, channels)])[:FOLDER_NAME_DIGITS]
+    return assemble(name, splits, names, stats_split="train" if layout["train"] else "val")
+
+
+# ----------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------
-def load_dataset(name, data_root, mirror=None, image_size=None, seed=0):
+def load_dataset(name, data_root, mirror=None, image_size=None, seed=0, need_train=True):
     """Load data set `name` (one of DATASETS) from `data_root`, downloading CIFAR-100 / CUB /
     Omniglot if needed (from `mirror` instead of the official base address when given). `image_size`
-    overrides the native size; `seed` only matters for `synthetic`."""
+    overrides the native size; `seed` only matters for `synthetic`. For `folder`, `data_root` is the
+    folder DIR itself (load_folder), and `need_train=False` accepts a DIR without train/."""
     if name == "cifarfs":
         return load_cifarfs(data_root, mirror, image_size)
     if name == "miniimagenet":
@@ -635,6 +825,8 @@ def load_dataset(name, data_root, mirror=None, image_size=None, seed=0):
         return load_omniglot(data_root, mirror, image_size)
     if name == "synthetic":
         return load_synthetic(image_size, seed)
+    if name == "folder":
+        return load_folder(data_root, image_size, need_train)
     raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
 
 

@@ -382,6 +382,151 @@ def test_omniglot_zip_without_pngs_is_a_layout_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# folder: the user's own images in DIR/{train,val,test}/<class>/
+# ----------------------------------------------------------------------------------------------
+def write_image(path, width, height, colour=False, value=None, seed=0):
+    """A PNG or JPEG (by suffix) of random pixels, or of one `value`; grey ("L") unless `colour`."""
+    shape = (height, width, 3) if colour else (height, width)
+    pixels = (np.full(shape, value, dtype=np.uint8) if value is not None
+              else np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def folder_set(root, classes, width=20, height=20, colour=False):
+    """DIR/<split>/<class>/ with `classes[split][class]` images each, alternately PNG and JPEG."""
+    seed = 0
+    for split, per_class in classes.items():
+        for c, n in per_class.items():
+            for i in range(n):
+                write_image(root / split / c / f"{i}.{'png' if i % 2 == 0 else 'jpg'}", width, height, colour,
+                            seed=seed)
+                seed += 1
+    return root
+
+
+SMALL_FOLDER = {"train": {"b_dog": 3, "a_cat": 2}, "val": {"c_owl": 2}, "test": {"e_fox": 2, "d_eel": 1}}
+
+
+def test_folder_classes_are_the_folder_names_sorted_train_then_val_then_test(tmp_path):
+    ds = data.load_dataset("folder", folder_set(tmp_path / "set", SMALL_FOLDER))
+    assert ds.class_names == ["a_cat", "b_dog", "c_owl", "d_eel", "e_fox"]
+    assert [ds.splits[s].classes for s in ("train", "val", "test")] == [[0, 1], [2], [3, 4]]
+    assert ds.splits["train"].labels.tolist() == [0, 0, 1, 1, 1]  # files of a class in name order
+    assert ds.splits["test"].labels.tolist() == [3, 4, 4]
+    assert ds.name.startswith("folder-") and (ds.image_size, ds.channels) == (20, 1)
+    first = data.read_image(tmp_path / "set" / "train" / "a_cat" / "0.png", 20, 1)
+    assert torch.equal(ds.splits["train"].images[0], first)
+    train = ds.splits["train"].images.double() / 255  # mean/std of the train split, by the definition
+    assert ds.mean == pytest.approx([train.mean().item()])
+    assert ds.std == pytest.approx([train.std(unbiased=False).item()])
+
+
+def test_folder_image_size_is_the_median_of_each_images_mean_side(tmp_path):
+    """Sizes 10x30, 20x20, 40x10: mean sides 20, 20, 25 -> median 20 (the longer side would give 30)."""
+    root = tmp_path / "set"
+    write_image(root / "train" / "a" / "0.png", 10, 30)
+    write_image(root / "val" / "b" / "0.jpg", 20, 20)
+    write_image(root / "test" / "c" / "0.png", 40, 10)
+    ds = data.load_dataset("folder", root)
+    assert ds.image_size == 20 and ds.splits["val"].images.shape == (1, 1, 20, 20)
+    # then rounded half up to a multiple of 4 (the meta-generator's s/4, supplement Table 1)
+    assert data.median_side([(20, 20), (21, 21)]) == 20  # median 20.5 -> 20
+    assert data.median_side([(21, 22), (22, 22), (30, 30)]) == 24  # median 22 -> 22 / 4 = 5.5 -> 6 -> 24
+    assert data.median_side([(9, 10), (28, 28), (28, 29)]) == 28  # median 28, not the mean side 21.7
+
+
+def test_folder_of_grey_images_has_one_channel_and_one_colour_image_makes_three(tmp_path):
+    root = tmp_path / "set"
+    write_image(root / "train" / "a" / "0.png", 16, 16, value=100)
+    write_image(root / "val" / "b" / "0.jpg", 16, 16)
+    Image.fromarray(np.zeros((16, 16), dtype=bool)).save(root / "val" / "b" / "1.png")  # a 1-bit PNG is grey too
+    write_image(root / "test" / "c" / "0.png", 16, 16)
+    assert data.load_dataset("folder", root).channels == 1
+    write_image(root / "test" / "c" / "1.jpg", 16, 16, colour=True)
+    ds = data.load_dataset("folder", root)
+    assert ds.channels == 3 and ds.splits["train"].images.shape == (1, 3, 16, 16)
+    assert (ds.splits["train"].images == 100).all()  # a grey image in a colour set: three equal channels
+    assert len(ds.mean) == 3
+
+
+def test_folder_images_are_resized_to_the_given_size_as_pillow_bilinear(tmp_path):
+    root = folder_set(tmp_path / "set", SMALL_FOLDER, width=30, height=18, colour=True)
+    ds = data.load_dataset("folder", root, image_size=12)
+    assert ds.image_size == 12 and ds.splits["train"].images.shape == (5, 3, 12, 12)
+    path = root / "train" / "a_cat" / "0.png"
+    expected = np.asarray(Image.open(path).convert("RGB").resize((12, 12), Image.Resampling.BILINEAR))
+    assert torch.equal(ds.splits["train"].images[0], torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    grey = write_image(tmp_path / "flat.png", 40, 24, value=77)
+    assert (data.read_image(grey, 9, 1) == 77).all() and data.read_image(grey, 9, 3).shape == (3, 9, 9)
+    deep = tmp_path / "deep.png"  # 16-bit grey keeps its top 8 bits (Pillow's convert("L") would clip to 255)
+    Image.fromarray(np.full((8, 8), 0x8000, dtype=np.uint16)).save(deep)
+    assert (data.read_image(deep, 8, 1) == 0x80).all()
+
+
+def test_folder_cache_is_reused_and_rebuilt_when_an_image_is_added(tmp_path, monkeypatch):
+    root = folder_set(tmp_path / "set", SMALL_FOLDER)
+    first = data.load_dataset("folder", root)
+    assert [p.name for p in root.glob(".free_cache_*.npz")] == [".free_cache_20_1.npz"]
+
+    def no_decoding(*args):
+        raise AssertionError("decoded although the cache is up to date")
+
+    monkeypatch.setattr(data, "read_image", no_decoding)
+    again = data.load_dataset("folder", root)
+    assert torch.equal(again.splits["val"].images, first.splits["val"].images)
+    assert again.class_names == first.class_names and again.name == first.name
+    write_image(root / "val" / "c_owl" / "9.png", 20, 20)
+    with pytest.raises(AssertionError, match="decoded"):  # the layout changed: the cache is rebuilt
+        data.load_dataset("folder", root)
+    monkeypatch.undo()
+    grown = data.load_dataset("folder", root)
+    assert len(grown.splits["val"].labels) == 3 and grown.name != first.name
+
+
+def test_folder_without_train_split_when_not_needed_takes_mean_std_from_val(tmp_path):
+    root = folder_set(tmp_path / "set", {s: SMALL_FOLDER[s] for s in ("val", "test")}, colour=True)
+    with pytest.raises(data.DataError, match="no train/ folder"):
+        data.load_dataset("folder", root)
+    ds = data.load_dataset("folder", root, need_train=False)
+    assert ds.splits["train"].images.shape == (0, 3, 20, 20) and ds.splits["train"].classes == []
+    assert ds.class_names == ["c_owl", "d_eel", "e_fox"]
+    val = ds.splits["val"].images.double() / 255
+    assert ds.mean == pytest.approx(val.mean(dim=(0, 2, 3)).tolist())
+
+
+def truncated_png(path):
+    write_image(path, 20, 20)
+    path.write_bytes(path.read_bytes()[:60])  # the header survives, the pixels do not
+
+
+BAD_FOLDERS = {  # case -> (how to spoil SMALL_FOLDER, the words the error must hold)
+    "missing folder": (lambda r: shutil.rmtree(r), "no such folder"),
+    "missing split": (lambda r: shutil.rmtree(r / "val"), "no val/ folder"),
+    "split without classes": (lambda r: [shutil.rmtree(c) for c in (r / "test").iterdir()], "holds no class folders"),
+    "loose images": (lambda r: write_image(r / "train" / "x.png", 8, 8), "beside its class folders"),
+    "empty class": (lambda r: (r / "val" / "z_empty").mkdir(), "z_empty of the val split holds no images"),
+    "not an image": (lambda r: (r / "train" / "a_cat" / "7.png").write_bytes(b"not a png"),
+                     "cannot read image .*a_cat/7.png"),
+    "truncated image": (lambda r: truncated_png(r / "test" / "d_eel" / "5.png"), "cannot read image .*d_eel/5.png"),
+    "shared class name": (lambda r: write_image(r / "test" / "a_cat" / "0.png", 8, 8),
+                          "'a_cat' is in both train/ and test/"),
+    "damaged cache": (lambda r: (data.load_dataset("folder", r), (r / ".free_cache_20_1.npz").write_bytes(b"x")),
+                      "image cache .*free_cache_20_1.npz is unreadable"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_folder_bad_layout_is_a_data_error_saying_what_is_wrong(tmp_path, case):
+    root = folder_set(tmp_path / "set", SMALL_FOLDER)
+    spoil, words = BAD_FOLDERS[case]
+    spoil(root)
+    with pytest.raises(data.DataError, match=words):
+        data.load_dataset("folder", root)
+
+
+# ----------------------------------------------------------------------------------------------
 # Synthetic data and task sampling
 # ----------------------------------------------------------------------------------------------
 def test_synthetic_is_deterministic_given_seed_and_sized_on_request():
@@ -539,13 +684,17 @@ def test_zoo_cache_built_with_other_settings_is_refused(built_zoo, synthetic28):
         zoo.build_zoo(synthetic28, "conv4", 3, 5, 0, "tiny", other, built_zoo[0], "cpu")
 
 
-def test_zoo_damaged_teacher_file_is_a_data_error_naming_it(built_zoo, synthetic28, tmp_path):
+def test_zoo_damaged_teacher_file_is_trained_again_with_one_line_naming_it(built_zoo, synthetic28, tmp_path):
     root = tmp_path / "cache"
     shutil.copytree(built_zoo[0], root)
     damaged = zoo_folder(root) / "teacher_002.pt"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated file, as an interrupted copy leaves it
-    with pytest.raises(data.DataError, match=r"teacher file .*teacher_002\.pt is unreadable .* delete it"):
-        zoo.build_zoo(synthetic28, "conv4", 3, 5, 0, "tiny", TINY_ZOO, root, "cpu")
+    lines = []
+    teachers = zoo.build_zoo(synthetic28, "conv4", 3, 5, 0, "tiny", TINY_ZOO, root, "cpu", log=lines.append)
+    assert [line for line in lines if "unreadable" in line] == \
+        [f"teacher file {damaged} is unreadable (RuntimeError); retraining it"]
+    assert len(teachers) == 3 and "1/1 to train" in [line for line in lines if line.startswith("teacher   3/3")][0]
+    torch.load(damaged, weights_only=True)  # whole again
 
 
 def test_best_epoch_weights_are_a_real_copy_not_the_last_epoch(synthetic28, monkeypatch):

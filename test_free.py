@@ -1254,3 +1254,62 @@ def test_memory_bank_samples_whole_classes_of_unequal_size_exactly_from_its_gene
         assert sorted(classes) == [0, 1, 2, 3, 4]
         orders.add(tuple(classes))
     assert len(orders) > 1
+
+
+# ---------------------------------------------------------------- device placement, without a GPU
+
+
+class MetaValues(torch.overrides.TorchFunctionMode):
+    """PyTorch's `meta` device computes shapes without data, and refuses most operations that mix it with CPU
+    tensors: a run on `meta` fails wherever a tensor is made without the run's device, as it would on CUDA. The
+    few host reads a run makes have no value on `meta`: .item(), .tolist() and .cpu() read zeros here, and a
+    check such as `if torch.isfinite(loss).all()` passes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu) and args[0].is_meta:
+            zeros = torch.zeros(args[0].shape, dtype=args[0].dtype)
+            return zeros if func is torch.Tensor.cpu else func(zeros)
+        if func is torch.Tensor.__bool__ and args[0].is_meta:
+            return True
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def on_meta():
+    """The `meta` device, with host reads of its tensors as MetaValues says; masks on `meta` keep every row
+    (their shape depends on data that `meta` does not have)."""
+    import torch.fx.experimental._config as fx_config
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True), MetaValues():
+        yield torch.device("meta")
+
+
+def test_every_equation_keeps_its_tensors_on_the_run_device(on_meta):
+    """Eq. (1) with L_adv, FIVE's meta-update, the memory bank, a MAML meta-batch, Eq. (3) and the meta-test,
+    with every model on `meta`: every result is on `meta`, and any tensor made on the CPU would have raised."""
+    dev, g = on_meta, torch.Generator().manual_seed(0)
+    teacher = Conv4(5, 3, 16, [0.5] * 3, [0.25] * 3).to(dev).eval().requires_grad_(False)
+    learner = Conv4(5, 3, 16, [0.5] * 3, [0.25] * 3, track_running_stats=False).to(dev)
+    meta_gen = recover.MetaGenerator(Generator(16, 3, nf=4).to(dev))
+    tasks = [recover.recover_task(meta_gen.G, teacher, 5, steps=2, n_per_class=2, generator=g,
+                                  meta_learner=(learner, maml.detached_params(learner))) for _ in range(2)]
+    tasks.append(recover.recover_from_scratch(teacher, 5, steps=1, image_size=16, nf=4, n_per_class=2, generator=g))
+    meta_gen.meta_update([r.meta_grad for r in tasks[:2]])
+    assert all(t.device == dev for r in tasks for t in (r.x, r.y, r.teacher_logits))
+    assert all(p.device == dev for p in meta_gen.G.parameters())
+    bank = recover.MemoryBank(device=dev)
+    for r in tasks:
+        bank.add(r.x, r.y, [0, 1, 2, 3, 4])
+    resumed = recover.MemoryBank(device=dev)  # a resumed run's bank: its state as torch.load gives it, on the CPU
+    state = bank.state_dict()
+    resumed.load_state_dict(dict(state, images={c: x.cpu() for c, x in state["images"].items()}))
+    assert all(x.device == dev for x in resumed.images.values())
+    batch = bank.sample_tasks(2, 5, 1, 1, g)
+    loss, acc = maml.maml_meta_batch_loss(learner, dict(learner.named_parameters()), *batch, 1, 0.01, False, False)
+    loss.backward()
+    kd_tasks = [(recover.augment(r.x, generator=g), r.y, r.teacher_logits) for r in tasks]
+    for optimizer in maml.THETA_TILDE_OPTIMIZERS:
+        meta_grad, kd = maml.align_meta_gradient(learner, maml.detached_params(learner), kd_tasks, optimizer=optimizer)
+        maml.apply_meta_gradient(learner, torch.optim.Adam(learner.parameters()), meta_grad)
+    accs = maml.meta_test(learner, maml.detached_params(learner), *batch, steps=2)
+    assert all(t.device == dev for t in (*batch, loss, acc, kd, accs, *learner.parameters()))

@@ -9,7 +9,10 @@ its classes from one domain (round-robin); multi-architecture zoo ("mix"): conv4
 resnet18 by i % 3.
 
 Cache: <cache_root>/zoo/<dataset>-<arch>-n<n>-way<way>-seed<seed>-<preset>/teacher_XXX.pt plus
-manifest.json; every write is atomic, so an interrupted build resumes from the teachers saved.
+manifest.json; every write is atomic, so an interrupted build resumes from the teachers saved, and a
+cached teacher file that cannot be read is trained again (it is a cache).
+
+Teachers from elsewhere (zoo.json and a torch.export or TorchScript program per teacher): external.py.
 
 Differences from the authors' code:
 - we keep the weights of the best held-out epoch as a real copy; theirs saves the last epoch;
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import DataError, UserError, atomic_write
+from data import UserError, atomic_write
 from models import ARCHS, build_model
 from recover import AUG_PAD, augment
 
@@ -44,11 +47,13 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class Teacher:
-    model: torch.nn.Module  # in eval mode, on the requested device
-    classes: list  # global class ids; index = the teacher's local label 0..way-1
-    arch: str  # conv4 / resnet10 / resnet18
-    acc: float  # held-out accuracy in [0, 1]
+    model: torch.nn.Module  # in eval mode, on the requested device; takes the run's images in [0, 1]
+    classes: list  # global class ids; index = the teacher's local label (its logit column)
+    arch: str  # conv4 / resnet10 / resnet18; EXTERNAL_ARCH for a teacher of an external zoo
+    acc: float  # held-out accuracy in [0, 1]; None for an external teacher (no held-out data)
     index: int
+    class_names: list = None  # the names of `classes` (dataset.class_names, or an external zoo's names)
+    file: str = None  # an external teacher's program file
 
 
 @dataclass
@@ -209,12 +214,16 @@ def teacher_path(folder, index):
     return folder / f"teacher_{index:03d}.pt"
 
 
+# what torch.load raises for a damaged file
+CHECKPOINT_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
+
+
 def load_checkpoint(path, error, what, advice):
     """A torch checkpoint, on the CPU (callers move it to their device); a damaged file raises `error`, naming
     `what` the file is and what to do (`advice`)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+    except CHECKPOINT_ERRORS as e:
         raise error(f"{what} {path} is unreadable ({type(e).__name__}); {advice}") from e
 
 
@@ -249,10 +258,21 @@ def teacher_from_checkpoint(ckpt, index, device):
                    float(ckpt["acc"]), index)
 
 
+def read_cached_teacher(path, log):
+    """The checkpoint cached at `path`, or None when the file cannot be read: the cache is ours, so a
+    damaged file is trained again (one log line says so) instead of ending the run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except CHECKPOINT_ERRORS as e:
+        log(f"teacher file {path} is unreadable ({type(e).__name__}); retraining it")
+        return None
+
+
 def build_zoo(dataset, arch, n, way, seed, preset, settings, cache_root, device, log=None, indices=None):
     """Build (or load from cache) `n` `way`-way teachers of `arch` on `dataset`'s meta-train split.
     `indices` (default: all n) limits this call to some of them (a worker's share). `log` (a callable taking
-    one string) receives one line per teacher, with the time left to train the rest, and a summary."""
+    one string) receives one line per teacher, with the time left to train the rest, and a summary. A cached
+    teacher file that cannot be read is trained again."""
     if arch not in ZOO_ARCHS:
         raise ValueError(f"unknown zoo architecture {arch!r}; expected one of {ZOO_ARCHS}")
     log = log or (lambda line: None)
@@ -261,14 +281,14 @@ def build_zoo(dataset, arch, n, way, seed, preset, settings, cache_root, device,
     folder.mkdir(parents=True, exist_ok=True)
     check_manifest(folder, settings)
     indices = range(n) if indices is None else indices
-    todo = [i for i in indices if not teacher_path(folder, i).is_file()]  # to train; the rest is cached
+    cached = {i: read_cached_teacher(teacher_path(folder, i), log) for i in indices
+              if teacher_path(folder, i).is_file()}
+    todo = [i for i in indices if cached.get(i) is None]  # to train (absent or unreadable); the rest is cached
     teachers, entries, trained_seconds, start = [], [], 0.0, time.time()
     for i in indices:
         t0, path = time.time(), teacher_path(folder, i)
-        cached = i not in todo
-        if cached:
-            ckpt = load_checkpoint(path, DataError, "teacher file", "expected a checkpoint written by zoo.py; delete "
-                                   "it and run again to retrain it")
+        if i not in todo:
+            ckpt = cached[i]
             check_classes(ckpt, dataset, way, seed, i, path)
             how = "cached"
         else:
@@ -278,7 +298,9 @@ def build_zoo(dataset, arch, n, way, seed, preset, settings, cache_root, device,
             done = todo.index(i) + 1
             left = trained_seconds / done * (len(todo) - done)  # the teachers still to train, at the mean time so far
             how = f"trained in {time.time() - t0:.1f}s, {done}/{len(todo)} to train, {format_minutes(left)} left"
-        teachers.append(teacher_from_checkpoint(ckpt, i, device))
+        teacher = teacher_from_checkpoint(ckpt, i, device)
+        teacher.class_names = [dataset.class_names[c] for c in teacher.classes]
+        teachers.append(teacher)
         entries.append({"index": i, "file": path.name, "arch": ckpt["arch"],
                         "classes": list(ckpt["classes"]), "acc": float(ckpt["acc"])})
         if len(indices) == n:  # a worker's share leaves the manifest to the full pass that follows

@@ -48,7 +48,9 @@ import torch  # noqa: E402
 import free  # noqa: E402
 import maml  # noqa: E402
 import recover  # noqa: E402
+import run  # noqa: E402
 from data import DATASETS, UserError, load_dataset  # noqa: E402
+from zoo import mirror_invariant  # noqa: E402
 
 import probes  # noqa: E402
 import records  # noqa: E402
@@ -97,7 +99,7 @@ def teacher_accuracy_under_A(teachers, ds):
         y = torch.tensor([t.classes.index(c) for c in train.labels[mask].tolist()])
         with torch.no_grad():
             plain.append(maml.accuracy(t.model(x), y).item())
-            xa = recover.augment(x, flip=free.mirror_invariant(ds), generator=g)
+            xa = recover.augment(x, flip=mirror_invariant(ds), generator=g)
             augmented.append(maml.accuracy(t.model(xa), y).item())
     return {"held_out": statistics.mean(t.acc for t in teachers), "own_images": statistics.mean(plain),
             "own_images_under_A": statistics.mean(augmented), "teachers": len(teachers)}
@@ -123,7 +125,7 @@ def bench_seeds(args):
     """The sweep's list, run here: each seed's zoo first, then args.jobs runs at a time (args.threads threads each)."""
     results = load_results(args.results)
     jobs = seed_jobs(sweep_of(args), args.shots, args.only, args.seeds)
-    for seed in sorted({j.seed for j in jobs if j.method in free.USES_ZOO}):
+    for seed in sorted({j.seed for j in jobs if j.method in run.USES_ZOO}):
         prepare_zoo(args, seed, results)
     code = records.commit()
 

@@ -17,8 +17,10 @@ import records  # first: puts the repository root on sys.path
 import free
 import maml
 import recover
+import run
 import tables
 import zoo
+from zoo import mirror_invariant
 from data import UserError, load_dataset, sample_tasks
 from models import Conv4, Generator
 from records import seed_flags
@@ -81,7 +83,7 @@ def bench_recovery(args):
     ds = load_dataset("omniglot", args.data_root)
     teachers = free.load_teachers(cfg, ds, torch.device("cpu"), print)
     seen, unseen = teachers[:META_TEACHERS], teachers[META_TEACHERS:]
-    free.set_seed(cfg.seed)
+    run.set_seed(cfg.seed)
     meta = recover.MetaGenerator(Generator(ds.image_size, ds.channels, nf=cfg.nf), cfg.gen_lr)
     init_state = {k: v.clone() for k, v in meta.G.state_dict().items()}
     t0 = time.perf_counter()
@@ -127,7 +129,7 @@ def cross_teacher_agreement(teachers, G, meta_learner, cfg, ds):
     """Each teacher A's task recovered as a training round recovers it (k steps from the run's meta-generator,
     L_adv against the run's meta-learner); every other teacher B that shares a class c with A labels A's
     recovered images of c, and real meta-train images of c. Means over (A, B, c) triples, and A's own accuracy."""
-    train, flip = ds.splits["train"], free.mirror_invariant(ds)
+    train, flip = ds.splits["train"], mirror_invariant(ds)
     with torch.no_grad():  # each teacher on the real images of each of its classes, once
         on_real = {(i, c): maml.accuracy(b.model(train.images[train.labels == c].float() / 255), j).item()
                    for i, b in enumerate(teachers) for j, c in enumerate(b.classes)}
@@ -205,7 +207,7 @@ def bench_kd(args):
     for seed in args.seeds:
         cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
                                *seed_flags(seed)])
-        free.set_seed(cfg.seed)
+        run.set_seed(cfg.seed)
         theta = {"init": free.new_meta_learner(ds, cfg, cpu).state_dict()}
         for key, (method, flags) in {"kd": tables.KD_ONLY, "free": ("free", [])}.items():
             theta[key] = records.finished_run_state(args, "kd", method, flags, seed)["model"]
