@@ -37,6 +37,7 @@ from models import Conv4
 from zoo import load_checkpoint
 
 HEADS = ("auto", "learned", "prototype")  # --head choices
+STARTS = ("learned", "prototype", "zero")  # heads adapt_task starts from ("zero": the yardstick of bench.py adapt)
 DEFAULT_OUT = "predictions.csv"  # --out default, in the current folder
 DECIMALS = 4  # probabilities in the CSV
 CONV4_ARGS = tuple(inspect.signature(Conv4).parameters)  # the keys of a checkpoint's "arch"
@@ -78,13 +79,26 @@ def prototype_head(features, y, n_classes):
 
 
 def starting_params(model, x_s, y_s, n_classes, head):
-    """theta to adapt from: the checkpoint's weights (loaded into `model`), with the meta-learned head or,
-    for head == "prototype", prototype_head over the support features f_theta(x_s) (batch statistics)."""
+    """theta to adapt from: the checkpoint's weights (loaded into `model`), with the meta-learned head, or
+    for head == "prototype" prototype_head over the support features f_theta(x_s) (batch statistics), or for
+    head == "zero" a zero head (every class scores 0 before the first step)."""
     params = maml.detached_params(model)
     if head == "prototype":
         with torch.no_grad():
             params["head.weight"], params["head.bias"] = prototype_head(model.features(x_s), y_s, n_classes)
+    elif head == "zero":
+        params["head.weight"], params["head.bias"] = (torch.zeros_like(params[k]) for k in ("head.weight", "head.bias"))
     return params
+
+
+def adapt_task(model, x_s, y_s, x_q, n_classes, head, steps, lr):
+    """One task as the meta-test adapts (paper §4): theta with `head`'s start (starting_params), `steps` SGD
+    steps of lr `lr` on the support set (maml.inner_adapt, first-order as maml.meta_test), then the softmax of
+    the query logits. x_s [n, C, s, s], y_s [n], x_q [Q, C, s, s] -> probabilities [Q, n_classes]."""
+    params = starting_params(model, x_s, y_s, n_classes, head)
+    with torch.no_grad():  # as maml.meta_test: torch.func.grad still differentiates inside
+        adapted = maml.inner_adapt(model, params, x_s, y_s, steps, lr, first_order=True)
+        return F.softmax(functional_call(model, adapted, (x_q,)), dim=1)  # [Q, N]
 
 
 def adapt(checkpoint_path, support_dir, query_dir, steps=None, head="auto", device="cpu"):
@@ -109,10 +123,7 @@ def adapt(checkpoint_path, support_dir, query_dir, steps=None, head="auto", devi
     head = pick_head(head, len(classes), arch["num_classes"])
     model = meta_learner(arch, state, len(classes), head, checkpoint_path).to(device)
     x_s, y_s, x_q = x_s.to(device), y_s.to(device), x_q.to(device)
-    params = starting_params(model, x_s, y_s, len(classes), head)
-    with torch.no_grad():  # as maml.meta_test: torch.func.grad still differentiates inside
-        adapted = maml.inner_adapt(model, params, x_s, y_s, steps, config["inner_lr"], first_order=True)
-        probabilities = F.softmax(functional_call(model, adapted, (x_q,)), dim=1).cpu()  # [Q, N]
+    probabilities = adapt_task(model, x_s, y_s, x_q, len(classes), head, steps, config["inner_lr"]).cpu()  # [Q, N]
     accuracy = None
     if truth is not None:
         accuracy = maml.accuracy(probabilities, torch.tensor(truth)).item()

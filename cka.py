@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -255,31 +254,6 @@ def parse_args(argv=None):
     return make_parser().parse_args(argv)
 
 
-def nearest_existing(path):
-    """`path` itself or its closest ancestor that exists (a relative path ends at the cwd)."""
-    return next(q for q in (path, *path.parents) if q.exists())
-
-
-def check_folder(flag, value, write):
-    """The folder `value` of `flag` is usable: it, or its nearest existing ancestor, is a folder and,
-    if `write`, a folder can be made in it (a probe folder is made and removed at once; `value`
-    itself is not created). Raises UserError saying what was found and what to do."""
-    if not value:
-        raise UserError(f"{flag}: expected a folder, found an empty string; pass a folder name")
-    path = Path(value)
-    base = nearest_existing(path)
-    if not base.is_dir():
-        raise UserError(f"{flag} {value}: expected a folder, found a file at {base}; "
-                        f"pass another {flag}")
-    if write:
-        try:
-            os.rmdir(tempfile.mkdtemp(dir=base, prefix=".cka-write-test-"))
-        except OSError as e:
-            raise UserError(f"{flag} {value}: expected a folder that can be written, but a folder "
-                            f"cannot be made in {base} ({e.strerror}); pass another {flag} or fix "
-                            f"its permissions") from e
-
-
 def check_args(args):
     """Every value the parser cannot check, before anything is loaded, written or trained."""
     if args.teachers is not None and args.teachers < 1:
@@ -289,9 +263,9 @@ def check_args(args):
     if not 0 <= args.seed <= SEED_MAX:
         raise UserError(f"--seed {args.seed}: expected an integer from 0 to {SEED_MAX}; pass a seed "
                         f"in that range")
-    check_folder("--data-root", args.data_root, write=False)  # read-only data is fine when present
-    check_folder("--out", args.out, write=True)
-    check_folder("--cache", args.cache, write=True)
+    data.check_writable("--data-root", args.data_root, write=False)  # read-only data is fine when present
+    data.check_writable("--out", args.out, write=True)
+    data.check_writable("--cache", args.cache, write=True)
 
 
 def make_probe(dataset, n, seed):

@@ -158,18 +158,39 @@ def md5_of(path):
     return h.hexdigest()
 
 
+def check_writable(what, folder, write=True):
+    """The one check of a folder the project writes to (free.py's --out, --cache, --export-zoo, cka.py's, bench.py's
+    and the data root): `folder`, or its nearest existing ancestor, is a folder of no kernel file system and, if
+    `write`, a file can be made in it (a probe file is made and removed at once; `folder` itself is not created).
+    Raises UserError naming the flag (`what`), what was found and what to do."""
+    if not folder:
+        raise UserError(f"{what}: expected a folder, found an empty string; pass a folder name")
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.realpath(path).startswith(("/proc", "/sys")):
+        raise UserError(f"{what} {folder}: {path} is a kernel file system, not a folder that can be written; "
+                        f"pick another {what}")
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {folder}: expected a folder, found a file at {path}; pick another {what}")
+    if write:
+        try:
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        except OSError as e:
+            raise UserError(f"{what} {folder}: expected a folder that can be written; no file can be made in {path} "
+                            f"({e.strerror}); pick another {what} or fix its permissions") from None
+        os.close(fd)
+        os.unlink(probe)
+
+
 def ensure_writable(data_root):
-    """Create `data_root` if needed and check that a file can be written there."""
-    root = Path(data_root)
+    """Create `data_root` if needed, once check_writable found that downloads and caches can be written there."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
-    except OSError as e:
-        raise DataError(f"cannot write to the data root {root}: expected a writable folder "
-                              f"for downloads and caches, got {e!r}; pass another data_root or "
-                              f"fix its permissions") from e
-    os.close(fd)
-    os.unlink(probe)
+        check_writable("--data-root", data_root)
+    except UserError as e:
+        raise DataError(f"cannot write to the data root: {e}") from None
+    root = Path(data_root)
+    root.mkdir(parents=True, exist_ok=True)
     return root
 
 

@@ -10,6 +10,8 @@ Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024,
     meta_test    once, at the end, on a fixed set of test tasks;
     main         the whole run.
 The plumbing around it (command line, checks, the run's files and progress lines, Ctrl-C) is run.py.
+The teachers: the zoo free.py trains (zoo.py), or your own with --zoo DIR (external.py); a trained
+meta-learner labels your images with `python free.py adapt` (adapt.py).
 Baselines: `random` (random-init Conv4), `average` (mean of same-architecture teachers' weights, new
 head), `maml` (data-based MAML on the real meta-train images: the upper bound, the only one that sees
 data). Ablations: --no-meta-generator, --no-align, --hard-labels, --no-kd, --max-replay 0.
@@ -35,9 +37,7 @@ if __name__ == "__main__":
 
 import copy
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -49,14 +49,14 @@ import maml
 import recover
 import workers
 from data import UserError, load_dataset, sample_tasks
-from models import Conv4, Generator
 from external import EXTERNAL_ARCH, parameters_like, restrict, zoo_digest
+from models import Conv4, Generator
 from run import (TRAINED, USES_ZOO, Run, Timer, check_config, check_out, check_settings, export_teachers,
                  finish_round_on_ctrl_c, is_validation_round, load_teachers, pick_device, run_name, set_seed,
                  spawn_workers, user_teachers)
 from run import cli as run_cli
 from run import parse_args as run_parse_args
-from zoo import QUICK_SETTINGS, load_checkpoint, mirror_invariant
+from zoo import QUICK_SETTINGS, mirror_invariant
 
 TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and seed sees the same tasks
 VAL_TASK_SEED = 1234  # the meta-validation task seed (same val tasks at every evaluation)
@@ -185,7 +185,7 @@ class Trainer:
         """B teachers of the zoo, each seen as a `way`-way classifier: a teacher of more classes shows `way` of
         them, drawn from the task's own stream (the same on any worker; the paper's 5-way teachers draw nothing)."""
         idx = torch.randperm(len(self.teachers), generator=self.rng)[:self.cfg.B].tolist()
-        return [way_way(self.teachers[i], self.cfg.way, task_generator(self.cfg.seed, self.round, j, CLASS_DRAW))
+        return [way_view(self.teachers[i], self.cfg.way, task_generator(self.cfg.seed, self.round, j, CLASS_DRAW))
                 for j, i in enumerate(idx)]
 
     def five(self, teachers, adversarial):
@@ -306,7 +306,7 @@ def task_generator(seed, round_, j, *stream):
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, round_, j, *stream]).generate_state(1)[0]))
 
 
-def way_way(teacher, way, generator):
+def way_view(teacher, way, generator):
     """The teacher as a `way`-way classifier (external.restrict): its model restricted to the drawn classes."""
     model, classes = restrict(teacher, way, generator)
     names = teacher.class_names and [teacher.class_names[teacher.classes.index(c)] for c in classes]
@@ -448,32 +448,12 @@ def run_method(cfg):
                       need_train=cfg.zoo is None or cfg.method == "maml")  # --zoo: the data set's train/ may be missing
     check_settings(cfg, ds)  # a failed start writes nothing: the same command runs once the cause is fixed
     given = user_teachers(cfg, ds, device)  # --zoo: every teacher checked before anything is written
-    run = Run(cfg)
-    run.log(f"device: {device}  workers {workers.world_size()}  torch {torch.__version__}  "
-            f"threads {torch.get_num_threads()}")
-    run.log("config: " + json.dumps(dataclasses.asdict(cfg)))
-    run.log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
-            f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
+    run = Run(cfg, device, ds)  # the run's folder; the device, config and data lines
     teachers = run.zoo(lambda: load_teachers(cfg, ds, device, run.log, given)) if cfg.method in USES_ZOO else []
     set_seed(cfg.seed)  # the zoo may be cached or trained: start the run's randomness from here
 
     trainer = Trainer(cfg, ds, teachers, device)
-    if os.path.exists(run.last_path):
-        ckpt = load_checkpoint(run.last_path, UserError, "--resume:", "it is written atomically, so it was changed "
-                               "outside free.py: start a new run in another --out")
-        if "wall_seconds" not in ckpt:
-            raise UserError(f"--resume: {run.last_path} was written by an older free.py (no wall_seconds); start a new "
-                            f"run in another --out")
-        trainer.load_state_dict(ckpt)
-        if ckpt.get("zoo") != trainer.zoo:
-            raise UserError(f"--resume: the teachers in --zoo {cfg.zoo} changed since the run started (their files "
-                            f"are part of its identity); restore them or start a new run in another --out")
-        undone = trainer.before_end is not None and trainer.round < cfg.rounds
-        if undone:  # the longer run validates where an uninterrupted run of --rounds would, not here
-            trainer.best_val, trainer.best_state = trainer.before_end
-            trainer.before_end = None
-            run.save_best(trainer.model, trainer.best_state)
-        run.resumed(trainer, undone)
+    run.resume(trainer)  # from last.pt, when --out holds one
     run.start(t_start, trainer)
     if cfg.method == "average":
         average_teachers(trainer.model, teachers)

@@ -20,7 +20,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 
 import maml
 import workers
-from data import DATASETS, SIZE_MULTIPLE, UserError, atomic_write, load_dataset
+from data import DATASETS, SIZE_MULTIPLE, UserError, atomic_write, check_writable, load_dataset
 from external import export_zoo, load_zoo_dir
-from zoo import build_zoo, paper_settings, teacher_path, zoo_dir
+from zoo import build_zoo, load_checkpoint, paper_settings, teacher_path, zoo_dir
 from models import ARCHS
 
 METHODS = ("free", "random", "average", "maml")
@@ -234,25 +233,6 @@ def check_resume(cfg, out):
                         + ". Use another --out or the saved settings.")
 
 
-def check_writable(what, folder):
-    """`folder` exists as a writable folder, or can be made: a file can be created in its nearest existing
-    ancestor, which is no kernel file system."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if os.path.realpath(path).startswith(("/proc", "/sys")):
-        raise UserError(f"{what} {folder}: {path} is a kernel file system, not a folder for files; pick another {what}")
-    try:
-        if not os.path.isdir(path):
-            raise NotADirectoryError(f"{path} is a file")
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{what} {folder}: {path} is not a writable folder ({e.strerror or e}); pick another "
-                        f"{what}") from None
-
-
 def pick_device(name, probe=False):
     """The run's device, chosen once: CUDA when present (auto), or as asked; a worker gets its own GPU."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -400,7 +380,7 @@ class Timer:
 class Run:
     """A run's folder and its progress lines (see the module docstring). Rank 0 alone writes."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, device, ds):
         self.cfg, self.main = cfg, workers.is_main()
         self.last_path, self.best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -413,6 +393,11 @@ class Run:
                 for name in ("log.txt", "metrics.jsonl"):
                     if os.path.exists(os.path.join(cfg.out, name)):
                         os.remove(os.path.join(cfg.out, name))
+        self.log(f"device: {device}  workers {workers.world_size()}  torch {torch.__version__}  "
+                 f"threads {torch.get_num_threads()}")
+        self.log("config: " + json.dumps(dataclasses.asdict(cfg)))
+        self.log(f"data: {ds.name} {ds.image_size}x{ds.image_size}x{ds.channels}, classes train/val/test "
+                 f"{len(ds.splits['train'].classes)}/{len(ds.splits['val'].classes)}/{len(ds.splits['test'].classes)}")
 
     def log(self, msg):
         """One line to stdout and to log.txt."""
@@ -435,6 +420,28 @@ class Run:
                     seconds=time.perf_counter() - t0, held_out_acc=mean_or_none([t.acc for t in teachers]),
                     **({"zoo": self.cfg.zoo} if self.cfg.zoo else {}))
         return teachers
+
+    def resume(self, trainer):
+        """Continue from last.pt when the folder holds one: the trainer's state, the same teachers (--zoo), and
+        a validation undone that an uninterrupted run of --rounds would not make (at an old last round off the
+        E-round schedule: is_validation_round)."""
+        if not os.path.exists(self.last_path):
+            return
+        ckpt = load_checkpoint(self.last_path, UserError, "--resume:", "it is written atomically, so it was changed "
+                               "outside free.py: start a new run in another --out")
+        if "wall_seconds" not in ckpt:
+            raise UserError(f"--resume: {self.last_path} was written by an older free.py (no wall_seconds); start a "
+                            f"new run in another --out")
+        trainer.load_state_dict(ckpt)
+        if ckpt.get("zoo") != trainer.zoo:
+            raise UserError(f"--resume: the teachers in --zoo {self.cfg.zoo} changed since the run started (their "
+                            f"files are part of its identity); restore them or start a new run in another --out")
+        undone = trainer.before_end is not None and trainer.round < self.cfg.rounds
+        if undone:
+            trainer.best_val, trainer.best_state = trainer.before_end
+            trainer.before_end = None
+            self.save_best(trainer.model, trainer.best_state)
+        self.resumed(trainer, undone)
 
     def resumed(self, trainer, undone_validation):
         """Drop the records of rounds after the checkpoint (they are done again), and of a validation that the

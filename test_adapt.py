@@ -23,15 +23,6 @@ WAY, SIZE, STEPS, LR = 3, 16, 2, 0.01  # the hand-made checkpoint's way, image s
 CLASSES = ("ant", "bee", "cat")  # support classes of the 3-way task (sorted: labels 0, 1, 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, more threads mostly wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_checkpoint(path, **extra):
     """A best.pt as free.py's Run.save_best writes it: {"model", "arch", "config"} (plus `extra` keys)."""
     torch.manual_seed(0)

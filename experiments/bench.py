@@ -10,6 +10,7 @@ typed by hand (the provenance notes in results.json are text). Run from the repo
     python experiments/bench.py rounds    # FREE 1-shot continued to longer runs: meta-validation by round
     python experiments/bench.py bank      # why MAML replay on the memory bank is a weak signal
     python experiments/bench.py kd        # what KD and Eq. (3) alone do to theta
+    python experiments/bench.py adapt     # free.py adapt on 5/10/20-way tasks, by starting head
     python experiments/bench.py gpu       # paper preset on one (or every) CUDA device: s/round by phase
     python experiments/bench.py report    # collect finished runs, write RESULTS.md, the README table, the figure
 
@@ -40,7 +41,6 @@ sys.path.insert(0, str(ROOT))  # the method's modules (free, maml, ...) live in 
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -49,7 +49,7 @@ import free  # noqa: E402
 import maml  # noqa: E402
 import recover  # noqa: E402
 import run  # noqa: E402
-from data import DATASETS, UserError, load_dataset  # noqa: E402
+from data import DATASETS, UserError, atomic_write, check_writable, load_dataset  # noqa: E402
 from zoo import mirror_invariant  # noqa: E402
 
 import probes  # noqa: E402
@@ -82,8 +82,8 @@ def bench_sweep(args):
         print("\n".join(job.line() for job in jobs))
         return
     os.makedirs(args.runs, exist_ok=True)  # the tasks' SLURM logs go there
-    with open(args.slurm, "w") as f:
-        f.write(records.slurm_script(jobs, args.runs))
+    script = records.slurm_script(jobs, args.runs)
+    atomic_write(Path(args.slurm), lambda f: f.write(script.encode()))
     print(f"wrote {args.slurm}: a SLURM array of {len(jobs)} tasks; submit it with `sbatch {shlex.quote(args.slurm)}`",
           file=sys.stderr)
 
@@ -376,6 +376,10 @@ SUBCOMMANDS = {  # name: (runner, one-line help, description, flag groups)
     "kd": (probes.bench_kd, "what KD and Eq. (3) alone do to theta",
            "On each seed's finished runs: meta-validation of theta_0, the KD-only run and FREE with bodies and heads "
            "swapped.", ("data", "seeds")),
+    "adapt": (probes.bench_adapt, "free.py adapt beyond the trained way: accuracy by N, K and head",
+              "On each seed's finished FREE 1-shot run (best.pt): meta-test tasks of 5, 10 and 20 ways, 1 and 5 "
+              "shots, adapted from the meta-learned head (5-way only), a prototype head and a zero head.",
+              ("data", "seeds")),
     "gpu": (bench_gpu, "the paper preset on a CUDA machine, by phase",
             f"On a CUDA machine: the paper preset on CIFAR-FS-shaped synthetic data, {GPU_ROUNDS} rounds per shot "
             f"setting, seconds by phase and peak memory; with several devices, 1 worker against one per device.",
@@ -436,32 +440,18 @@ def build_parser():
     return p
 
 
-def writable(path, flag):
-    """A folder that is or can be made writable: a file can be created in its nearest existing ancestor."""
-    probe = Path(os.path.abspath(path))
-    while not probe.exists():
-        probe = probe.parent
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".bench-probe-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({probe} is not a writable folder: {e.strerror}); "
-                        f"pass another {flag}") from None
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     for flag in ("results", "runs"):
         if hasattr(args, flag):
-            writable(getattr(args, flag), "--" + flag)
+            check_writable("--" + flag, getattr(args, flag))
     labels = {records.label(m, f) for m, f, _ in records.SEED_RUNS}
     unknown = [x for x in getattr(args, "only", None) or () if x not in labels]
     if unknown:
         raise UserError(f"--only {' '.join(map(shlex.quote, unknown))}: not a run of the sweep; its labels are "
                         + ", ".join(sorted(labels)))
     if getattr(args, "slurm", None):
-        writable(os.path.dirname(os.path.abspath(args.slurm)), "--slurm")
+        check_writable("--slurm", os.path.dirname(os.path.abspath(args.slurm)))
     for key, value in vars(records.Sweep()).items():  # subcommands of the stored sweep (Omniglot, quick) lack these
         if not hasattr(args, key):
             setattr(args, key, value)

@@ -1,7 +1,7 @@
 """The probes of experiments/bench.py that measure inside the method rather than time whole runs:
 `recovery` (FIVE's speed-up at equal quality, paper §4: about 20x faster than recovering from scratch),
-`bank` (why MAML replay on the memory bank is a weak signal) and `kd` (what KD and Eq. (3) alone do to
-theta). Each stores one section of results.json; the results document shows them (tables.py).
+`bank` (why MAML replay on the memory bank is a weak signal), `kd` (what KD and Eq. (3) alone do to
+theta) and `adapt` (`free.py adapt` on other numbers of classes than the run's, by starting head). Each stores one section of results.json; the results document shows them (tables.py).
 
 Recovery quality has two yardsticks (ours): the teacher's accuracy on its recovered images (weak: it
 saturates), and the accuracy on the teacher's *real* images of a fresh Conv4 distilled from the
@@ -221,3 +221,43 @@ def bench_kd(args):
         rows[str(seed)] = swapped_accuracies(theta, val_accuracy)
         print(f"seed {seed}: " + ", ".join(f"{n} {a:.2f}" for n, a in rows[str(seed)].items()), flush=True)
     records.store_section(args, "kd", rows)
+
+
+# ------------------------------------------------------------------------ adapt: beyond the trained way
+
+ADAPT_WAYS = (5, 10, 20)  # N of the support sets `free.py adapt` is measured on (the runs are 5-way)
+ADAPT_SHOTS = (1, 5)  # K
+ADAPT_TASKS = 200  # meta-test tasks per (seed, N, K), the same tasks for every head
+
+
+def bench_adapt(args):
+    """`free.py adapt` beyond the trained way: each seed's FREE 1-shot run (quick preset, best.pt, the theta its
+    meta-test scores) adapted to N-way K-shot tasks of the Omniglot meta-test split by adapt.adapt_task, from
+    the meta-learned head (N = the run's way only), a prototype head and a zero head; mean accuracy and 95% CI
+    over ADAPT_TASKS tasks, the same tasks for every head."""
+    import adapt
+    ds, rows = load_dataset("omniglot", args.data_root), []
+    test = ds.splits["test"]
+    for seed in args.seeds:
+        job = records.Job("free", (), 1, seed, records.sweep_of(args))
+        path = os.path.join(job.out, "best.pt")
+        if not job.finished():
+            raise UserError(f"adapt: {job.out} is not a finished {job.rounds}-round run; run `python experiments/"
+                            f"bench.py seeds --shots 1 --only free --seeds {seed}` first")
+        arch, state, config = adapt.load_meta_learner(path)
+        for way in ADAPT_WAYS:
+            for shots in ADAPT_SHOTS:
+                g = torch.Generator().manual_seed(free.TEST_TASK_SEED)
+                x_s, y_s, x_q, y_q = sample_tasks(test, ADAPT_TASKS, way, shots, config["query"], g)
+                for head in adapt.STARTS:
+                    if head == "learned" and way != arch["num_classes"]:
+                        continue  # the meta-learned head has the run's way rows
+                    model = adapt.meta_learner(arch, state, way, head, path)
+                    accs = [maml.accuracy(adapt.adapt_task(model, x_s[t], y_s[t], x_q[t], way, head,
+                                                           config["test_inner_steps"], config["inner_lr"]),
+                                          y_q[t]).item() for t in range(ADAPT_TASKS)]
+                    acc, ci = maml.mean_ci95(accs)
+                    rows.append(dict(seed=seed, way=way, shots=shots, head=head, acc=acc, ci95=ci,
+                                     tasks=ADAPT_TASKS, steps=config["test_inner_steps"]))
+                    print(f"seed {seed} {way}-way {shots}-shot {head:9s} head: {acc:.2f} ± {ci:.2f}", flush=True)
+    records.store_section(args, "adapt", {"trained_way": arch["num_classes"], "rows": rows})

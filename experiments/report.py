@@ -284,7 +284,7 @@ def provenance(results):
                              else sorted(names))
             lines.append(f"- {title}, code {code}{': ' + codes[code] if code in codes else ''}: {what}.")
     for section, title in (("recovery", "Recovery speed"), ("teachers", "Teachers"), ("bank", "Memory bank"),
-                           ("kd", "KD alone"), ("gpu", "GPU")):
+                           ("kd", "KD alone"), ("adapt", "Adapting to other N"), ("gpu", "GPU")):
         p = prov.get(section)
         if p and section in results:
             lines.append(f"- {title}: " + (f"`{p['command']}` at commit {p['commit']}, {p['machine']}, torch "
@@ -355,7 +355,7 @@ def draw_figure(series, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(Path(path), lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(fig)
     return True
 
@@ -395,6 +395,8 @@ def document(results, sweep, doc_dir, results_dir):
                      weak_replay(results, sweep) + ([""] + [tables.bank_md(results["bank"])] if results.get("bank") else []))
     if results.get("kd"):
         found += section("What KD alone does to θ", f"`{cmd}kd`", tables.kd_md(results["kd"]))
+    if results.get("adapt"):
+        found += section("Adapting to other numbers of classes", f"`{cmd}adapt`", tables.adapt_md(results["adapt"]))
     found += section("How the quick counts were chosen", None, quick_counts(results, sweep))
     found += section("What the preset costs", None, cost(results, sweep) or [f"No time table yet: `{cmd}time`."])
     found += section("Time", f"`{cmd}time`", tables.time_md(results["time"]) if results.get("time") else "Not run yet.")
@@ -445,7 +447,8 @@ def write_documents(results, results_dir, sweep=records.Sweep(), readme=None):
     matplotlib), None (nothing to draw)."""
     doc = document_path(results_dir)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(document(results, sweep, str(doc.parent), results_dir))
+    text = document(results, sweep, str(doc.parent), results_dir)
+    atomic_write(doc, lambda f: f.write(text.encode()))
     series = figure_series(results, sweep)
     drawn = draw_figure(series, os.path.join(results_dir, FIGURE)) if series["per_seed"] else None
     if drawn is False:

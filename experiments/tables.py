@@ -554,3 +554,26 @@ def gpu_md(g):
                      f"{cell(ph.get('test'), '{:.1f}')} | {cell(r.get('peak_memory_mb'), '{:.0f}')} | "
                      f"{hms(projected(ph, free.Config(dataset='synthetic', shots=r['shots']))[1])} |")
     return "\n".join(lines) + "\n"
+
+
+ADAPT_HEADS = {"learned": "meta-learned head", "prototype": "prototype head (Proto-MAML)", "zero": "zero head"}
+
+
+def adapt_md(a):
+    """`free.py adapt` by N, K and starting head: mean over seeds of each seed's meta-test accuracy, and the
+    seeds' range."""
+    rows, first = a["rows"], a["rows"][0]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"`python free.py adapt` on N-way K-shot tasks of the Omniglot meta-test split ({first['tasks']} tasks "
+             f"per setting and seed, the same for every head; {first['steps']} SGD steps, as the meta-test), from "
+             f"each seed's FREE 1-shot run (quick preset, best.pt; trained {a['trained_way']}-way). Mean over seeds "
+             f"{', '.join(map(str, seeds))} of each seed's accuracy, the seeds' range in brackets; chance is 100/N. "
+             f"`adapt`'s default: the meta-learned head at N = {a['trained_way']}, the prototype head elsewhere.", "",
+             "| N-way | K-shot | chance | " + " | ".join(ADAPT_HEADS.values()) + " |", "|---|---|---|" + "---|" * len(ADAPT_HEADS)]
+    for way, shots in sorted({(r["way"], r["shots"]) for r in rows}):
+        cells = []
+        for head in ADAPT_HEADS:
+            accs = [r["acc"] for r in rows if (r["way"], r["shots"], r["head"]) == (way, shots, head)]
+            cells.append(f"{statistics.mean(accs):.1f} [{min(accs):.1f}, {max(accs):.1f}]" if accs else "–")
+        lines.append(f"| {way} | {shots} | {100 / way:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -514,3 +514,15 @@ def test_the_document_is_written_from_empty_and_from_new_form_records(tmp_path):
     assert f"| {s['first_run']:.2f}x | {s['rerun']:.2f}x |" in doc  # the speed-up row of the time table
     # 1 × 2 row, a first run projected at 342 s = 0:05:42 and a rerun at 312 s = 0:05:12
     assert "| 140 rounds: 0:05:42 / 0:05:12 |" in doc and "| FREE val, round 20 | 50.00 ± 1.00 | – | – |" in doc
+
+
+def test_adapt_table_is_the_mean_over_seeds_with_their_range_and_no_learned_head_off_the_trained_way():
+    rows = [dict(seed=s, way=w, shots=1, head=h, acc=acc, ci95=1.0, tasks=200, steps=10)
+            for s, w, h, acc in [(0, 5, "learned", 70.0), (1, 5, "learned", 74.0), (0, 5, "prototype", 60.0),
+                                 (1, 5, "prototype", 62.0), (0, 5, "zero", 40.0), (1, 5, "zero", 44.0),
+                                 (0, 10, "prototype", 50.0), (1, 10, "prototype", 53.0), (0, 10, "zero", 20.0),
+                                 (1, 10, "zero", 22.0)]]
+    md = tables.adapt_md({"trained_way": 5, "rows": rows})
+    assert "| 5 | 1 | 20 | 72.0 [70.0, 74.0] | 61.0 [60.0, 62.0] | 42.0 [40.0, 44.0] |" in md
+    assert "| 10 | 1 | 10 | – | 51.5 [50.0, 53.0] | 21.0 [20.0, 22.0] |" in md
+    assert "seeds 0, 1" in md and "200 tasks" in md and "10 SGD steps" in md
