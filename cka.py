@@ -61,7 +61,7 @@ from PIL import Image, ImageDraw
 import data
 from data import UserError
 from external import fit_input
-from run import pick_device, set_seed
+from settings import pick_device, set_seed
 from zoo import ZooSettings, build_zoo
 
 FEATURE_BATCH = 256  # images per forward pass when extracting probe features (memory only)

@@ -9,7 +9,7 @@ Paper: Wei et al., "FREE: Faster and Better Data-Free Meta-Learning", CVPR 2024,
     train        the rounds; every E rounds a meta-validation keeps the best theta;
     meta_test    once, at the end, on a fixed set of test tasks;
     main         the whole run.
-The plumbing around it (command line, checks, the run's files and progress lines, Ctrl-C) is run.py.
+The plumbing around it: settings.py (command line, checks), run.py (the run's files and progress, Ctrl-C).
 The teachers: the zoo free.py trains (zoo.py), or your own with --zoo DIR (external.py); a trained
 meta-learner labels your images with `python free.py adapt` (adapt.py).
 Baselines: `random` (random-init Conv4), `average` (mean of same-architecture teachers' weights, new
@@ -51,11 +51,11 @@ import workers
 from data import UserError, load_dataset, sample_tasks
 from external import EXTERNAL_ARCH, parameters_like, restrict, zoo_digest
 from models import Conv4, Generator
-from run import (TRAINED, USES_ZOO, Run, Timer, check_config, check_out, check_settings, export_teachers,
-                 finish_round_on_ctrl_c, is_validation_round, load_teachers, pick_device, run_name, set_seed,
-                 spawn_workers, user_teachers)
+from run import Run, Timer, export_teachers, finish_round_on_ctrl_c, load_teachers, spawn_workers, user_teachers
 from run import cli as run_cli
-from run import parse_args as run_parse_args
+from settings import (TRAINED, USES_ZOO, check_config, check_out, check_settings, is_validation_round, pick_device,
+                      run_name, set_seed)
+from settings import parse_args as settings_parse_args
 from zoo import QUICK_SETTINGS, mirror_invariant
 
 TEST_TASK_SEED = 2024  # the meta-test task seed: fixed, so every method and seed sees the same tasks
@@ -485,8 +485,8 @@ def cli(argv=None):
 
 
 def parse_args(argv=None):
-    """The command line as a Config (run.py builds the flags from Config's fields and comments)."""
-    return run_parse_args(argv, Config, PRESETS)
+    """The command line as a Config (settings.py builds the flags from Config's fields and comments)."""
+    return settings_parse_args(argv, Config, PRESETS)
 
 
 if __name__ == "__main__":

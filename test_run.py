@@ -16,7 +16,7 @@ import torch
 import free
 import maml
 import recover
-import run
+import settings
 import workers
 from data import load_dataset
 from test_free import on_meta  # noqa: F401  (a fixture)
@@ -55,7 +55,7 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     assert json.load(open(tmp_path / "config.json"))["preset"] == "smoke"
     records = metrics(tmp_path)
     rounds = [r for r in records if r["event"] == "round"]
-    replayed = res["method"] in run.TRAINED and "--max-replay" not in extra
+    replayed = res["method"] in settings.TRAINED and "--max-replay" not in extra
     # MAML replay ran (from the memory bank, or real data for maml), or did not with --max-replay 0
     assert any("replay_acc" in r for r in rounds) == replayed
     distilled = res["method"] == "free" and "--no-kd" not in extra  # KD + Eq. (3) ran, or did not with --no-kd
@@ -63,7 +63,7 @@ def test_every_method_and_ablation_completes_and_writes_results(tmp_path, cache,
     assert res["best_val_acc"] is not None  # every method has a meta-validation accuracy to compare on
     assert [r["event"] for r in records if r["event"] in ("val", "test")][-1] == "test"
     assert records[-1]["acc"] == res["test_acc"]
-    if res["method"] in run.TRAINED:
+    if res["method"] in settings.TRAINED:
         # maml and --no-meta-generator have no meta-generator to warm up: they start after FREE's warm-up
         warms_up = res["method"] == "free" and "--no-meta-generator" not in extra
         first = 1 if warms_up else free.PRESETS["smoke"]["warmup"] + 1
@@ -320,9 +320,9 @@ def test_the_same_command_runs_after_a_failed_start(tmp_path, cache):
 
 
 # every Config field with a value that must be refused before any work: (flag value(s), what the line says)
-BAD_SETTINGS = {**{name: ([str(least - 1)], f"expected at least {least}") for name, least in run.AT_LEAST.items()},
-                **{name: (["0"], "expected a finite number > 0") for name in run.POSITIVE},
-                **{name: (["-1"], "expected a finite number >= 0") for name in run.NON_NEGATIVE},
+BAD_SETTINGS = {**{name: ([str(least - 1)], f"expected at least {least}") for name, least in settings.AT_LEAST.items()},
+                **{name: (["0"], "expected a finite number > 0") for name in settings.POSITIVE},
+                **{name: (["-1"], "expected a finite number >= 0") for name in settings.NON_NEGATIVE},
                 "alpha": (["nan"], "expected a finite number > 0"),
                 "out": (["/proc/x"], "is a kernel file system"), "data_root": (["/proc/x"], "is a kernel file system"),
                 "cache": (["/proc/x"], "is a kernel file system"), "mirror": (["ftp://x"], "an http:// or https://"),
@@ -347,14 +347,14 @@ def test_every_bad_setting_is_one_error_line_before_any_work(tmp_path, name, cap
     value, says = BAD_SETTINGS[name]
     out = tmp_path / "run"
     argv = ["--dataset", "synthetic", "--preset", "smoke", "--out", str(out), "--cache", str(tmp_path / "c"),
-            "--data-root", str(tmp_path / "d"), run.flag(name), *value]
+            "--data-root", str(tmp_path / "d"), settings.flag(name), *value]
     try:
         status = free.cli(argv)
     except SystemExit as e:  # argparse's choices and types
         status = e.code
     lines = capsys.readouterr().err.strip().splitlines()
     assert status in (1, 2) and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
-    assert run.flag(name) in lines[0] or status == 2
+    assert settings.flag(name) in lines[0] or status == 2
     assert not out.exists()
 
 

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import free  # noqa: E402
 import maml  # noqa: E402
 import recover  # noqa: E402
-import run  # noqa: E402
+import settings  # noqa: E402
 from data import DATASETS, UserError, atomic_write, check_writable, load_dataset  # noqa: E402
 from zoo import mirror_invariant  # noqa: E402
 
@@ -125,7 +125,7 @@ def bench_seeds(args):
     """The sweep's list, run here: each seed's zoo first, then args.jobs runs at a time (args.threads threads each)."""
     results = load_results(args.results)
     jobs = seed_jobs(sweep_of(args), args.shots, args.only, args.seeds)
-    for seed in sorted({j.seed for j in jobs if j.method in run.USES_ZOO}):
+    for seed in sorted({j.seed for j in jobs if j.method in settings.USES_ZOO}):
         prepare_zoo(args, seed, results)
     code = records.commit()
 

@@ -17,7 +17,7 @@ import records  # first: puts the repository root on sys.path
 import free
 import maml
 import recover
-import run
+import settings
 import tables
 import zoo
 from zoo import mirror_invariant
@@ -83,7 +83,7 @@ def bench_recovery(args):
     ds = load_dataset("omniglot", args.data_root)
     teachers = free.load_teachers(cfg, ds, torch.device("cpu"), print)
     seen, unseen = teachers[:META_TEACHERS], teachers[META_TEACHERS:]
-    run.set_seed(cfg.seed)
+    settings.set_seed(cfg.seed)
     meta = recover.MetaGenerator(Generator(ds.image_size, ds.channels, nf=cfg.nf), cfg.gen_lr)
     init_state = {k: v.clone() for k, v in meta.G.state_dict().items()}
     t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def bench_kd(args):
     for seed in args.seeds:
         cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
                                *seed_flags(seed)])
-        run.set_seed(cfg.seed)
+        settings.set_seed(cfg.seed)
         theta = {"init": free.new_meta_learner(ds, cfg, cpu).state_dict()}
         for key, (method, flags) in {"kd": tables.KD_ONLY, "free": ("free", [])}.items():
             theta[key] = records.finished_run_state(args, "kd", method, flags, seed)["model"]

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import free  # noqa: E402  (after the path above)
-import run  # noqa: E402
+import settings  # noqa: E402
 import zoo  # noqa: E402
 from data import UserError, atomic_write  # noqa: E402
 
@@ -251,7 +251,7 @@ def preset_rounds(preset):
 
 def target_rounds(method, flags, preset="quick"):
     """The rounds a run asks for: its --rounds flag, else the preset's; 0 for the untrained baselines."""
-    if method not in run.TRAINED:
+    if method not in settings.TRAINED:
         return 0
     return int(flags[flags.index("--rounds") + 1]) if "--rounds" in flags else preset_rounds(preset)
 

@@ -8,6 +8,7 @@ import statistics
 import records  # first: puts the repository root on sys.path
 import free
 import run
+import settings
 from records import REPLAY_WINDOW, SEEDS, SEED_RUNS, label, phases_of, preset_rounds, run_name, seed_flags
 
 CHECKPOINTS = (5, 10, 20, 50, 100, 200, 400)  # `recovery`: from-scratch steps at which the student yardstick is taken
@@ -90,7 +91,7 @@ def projected_phases(ph, cfg):
     """A full run of `cfg` at a short run's phase times (phase_seconds), in seconds by phase: the teacher zoo (when
     the short run trained it), warm-up rounds; the training rounds' recovery, KD with Eq. (3), replay and the rest
     of a round (memory bank, logging, checkpoints); every meta-validation; the meta-test."""
-    validations = sum(run.is_validation_round(cfg, r) for r in range(1, cfg.rounds + 1))
+    validations = sum(settings.is_validation_round(cfg, r) for r in range(1, cfg.rounds + 1))
     train = cfg.rounds - cfg.warmup
     phases = {"teacher zoo": ph["zoo"]} if ph.get("zoo") is not None else {}
     phases["warm-up"] = cfg.warmup * (ph.get("warmup_round") or 0.0)

@@ -23,7 +23,7 @@ import probes
 import records
 import recover
 import report
-import run
+import settings
 import tables
 from records import SEEDS, Sweep, run_name, seed_flags
 
@@ -90,7 +90,7 @@ def test_a_damaged_metrics_line_is_a_user_error_and_old_records_read_their_summa
 def test_paper_run_validates_49_times():
     # rounds 21..1000 (after the 20 warm-up rounds), every 20th: 40, 60, ..., 1000
     paper = free.Config()
-    assert sum(run.is_validation_round(paper, r) for r in range(1, paper.rounds + 1)) == 49
+    assert sum(settings.is_validation_round(paper, r) for r in range(1, paper.rounds + 1)) == 49
 
 
 PHASES = dict(zoo=30.0, zoo_trained=3, warmup_round=1.0, round=2.0, recovery=0.5, kd=0.25, replay=1.0,
