@@ -11,6 +11,7 @@ typed by hand (the provenance notes in results.json are text). Run from the repo
     python experiments/bench.py bank      # why MAML replay on the memory bank is a weak signal
     python experiments/bench.py kd        # what KD and Eq. (3) alone do to theta
     python experiments/bench.py adapt     # free.py adapt on 5/10/20-way tasks, by starting head
+    python experiments/bench.py resize    # teachers of another input size and channels than the run's
     python experiments/bench.py gpu       # paper preset on one (or every) CUDA device: s/round by phase
     python experiments/bench.py report    # collect finished runs, write RESULTS.md, the README table, the figure
 
@@ -48,6 +49,7 @@ import torch  # noqa: E402
 import free  # noqa: E402
 import maml  # noqa: E402
 import recover  # noqa: E402
+import run  # noqa: E402
 import settings  # noqa: E402
 from data import DATASETS, UserError, atomic_write, check_writable, load_dataset  # noqa: E402
 from zoo import mirror_invariant  # noqa: E402
@@ -111,7 +113,7 @@ def prepare_zoo(args, seed, results):
     cfg = free.parse_args(["--dataset", args.dataset, "--preset", args.preset, "--data-root", args.data_root,
                            "--seed", str(seed)])
     ds = load_dataset(args.dataset, args.data_root, seed=seed)  # synthetic data depend on the seed
-    teachers = free.load_teachers(cfg, ds, torch.device("cpu"), print)
+    teachers, _ = run.load_teachers(cfg, ds, torch.device("cpu"), print)
     store(results, args.results, "teachers", records.teachers_key(args.dataset, args.preset, seed),
           teacher_accuracy_under_A(teachers, ds))
 
@@ -380,6 +382,10 @@ SUBCOMMANDS = {  # name: (runner, one-line help, description, flag groups)
               "On each seed's finished FREE 1-shot run (best.pt): meta-test tasks of 5, 10 and 20 ways, 1 and 5 "
               "shots, adapted from the meta-learned head (5-way only), a prototype head and a zero head.",
               ("data", "seeds")),
+    "resize": (probes.bench_resize, "teachers of another input size and channels than the run's (--zoo)",
+               "The Omniglot quick zoo's teachers (28x28 grey) serving runs of other image sizes and channels through "
+               "external.fit_input: recovery from a fresh generator, then both yardsticks of recovery quality.",
+               ("data",)),
     "gpu": (bench_gpu, "the paper preset on a CUDA machine, by phase",
             f"On a CUDA machine: the paper preset on CIFAR-FS-shaped synthetic data, {GPU_ROUNDS} rounds per shot "
             f"setting, seconds by phase and peak memory; with several devices, 1 worker against one per device.",

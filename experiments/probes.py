@@ -17,6 +17,7 @@ import records  # first: puts the repository root on sys.path
 import free
 import maml
 import recover
+import run
 import settings
 import tables
 import zoo
@@ -81,7 +82,7 @@ def bench_recovery(args):
     cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
                            "--n-teachers", str(META_TEACHERS + UNSEEN_TEACHERS)])
     ds = load_dataset("omniglot", args.data_root)
-    teachers = free.load_teachers(cfg, ds, torch.device("cpu"), print)
+    teachers, _ = run.load_teachers(cfg, ds, torch.device("cpu"), print)
     seen, unseen = teachers[:META_TEACHERS], teachers[META_TEACHERS:]
     settings.set_seed(cfg.seed)
     meta = recover.MetaGenerator(Generator(ds.image_size, ds.channels, nf=cfg.nf), cfg.gen_lr)
@@ -163,7 +164,7 @@ def bench_bank(args):
         cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root,
                                *seed_flags(seed)])
         state = records.finished_run_state(args, "bank", "free", [], seed)
-        teachers = free.load_teachers(cfg, ds, cpu, lambda line: None)
+        teachers, _ = run.load_teachers(cfg, ds, cpu, lambda line: None)
         meta_gen = recover.MetaGenerator(Generator(ds.image_size, ds.channels, nf=cfg.nf), cfg.gen_lr)
         meta_gen.load_state_dict(state["meta_gen"])
         model = free.new_meta_learner(ds, cfg, cpu)
@@ -261,3 +262,49 @@ def bench_adapt(args):
                                      tasks=ADAPT_TASKS, steps=config["test_inner_steps"]))
                     print(f"seed {seed} {way}-way {shots}-shot {head:9s} head: {acc:.2f} ± {ci:.2f}", flush=True)
     records.store_section(args, "adapt", {"trained_way": arch["num_classes"], "rows": rows})
+
+
+# ------------------------------------------------------------------------ resize: a teacher's own input format
+
+RESIZE_FORMATS = ((28, 1), (56, 1), (28, 3), (32, 3))  # (size, channels) of runs served by 28x28 grey teachers
+RESIZE_TEACHERS = 4  # teachers of the quick zoo measured (its last ones)
+RESIZE_STEPS = 40  # evaluations of Eq. (1) from a fresh generator per recovery
+
+
+def bench_resize(args):
+    """A teacher's own input format (--zoo, external.fit_input; ours, not in the paper), measured before it is
+    trusted: the Omniglot quick zoo's teachers (28x28 grey) exported as --zoo programs serve runs of other image
+    sizes and channels. Per run format: a recovery from a fresh generator (RESIZE_STEPS evaluations of Eq. (1))
+    at the run's format, the teacher seeing its images through fit_input; the yardsticks: the teacher's
+    accuracy on them, and a fresh Conv4 at the run's format distilled from them alone (student_accuracy),
+    measured on the teacher's real images brought to the run's format (bilinear resize, grey repeated)."""
+    import external
+    from types import SimpleNamespace
+    cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root])
+    ds = load_dataset("omniglot", args.data_root)
+    teachers, _ = run.load_teachers(cfg, ds, torch.device("cpu"), print)
+    train, rows = ds.splits["train"], []
+    for t in teachers[-RESIZE_TEACHERS:]:
+        program = external.export_program(t.model).module()
+        norm = t.model.normalize
+        teacher = external.ExternalTeacher(program, ds.image_size, ds.channels, norm.mean.flatten().tolist(),
+                                           norm.std.flatten().tolist())
+        mask = torch.isin(train.labels, torch.tensor(t.classes))
+        x_real = train.images[mask].float() / 255  # [n, 1, 28, 28]
+        y_real = torch.tensor([t.classes.index(c) for c in train.labels[mask].tolist()])
+        for size, channels in RESIZE_FORMATS:
+            run_format = SimpleNamespace(image_size=size, channels=channels, mean=ds.mean * channels,
+                                         std=ds.std * channels)
+            real = torch.nn.functional.interpolate(x_real.expand(-1, channels, -1, -1), size=(size, size),
+                                                   mode="bilinear", align_corners=False) if size != ds.image_size \
+                else x_real.expand(-1, channels, -1, -1)
+            g = torch.Generator().manual_seed(t.index)
+            r = recover.recover_from_scratch(teacher, cfg.way, RESIZE_STEPS, size, channels, nf=cfg.nf,
+                                             n_per_class=cfg.n_per_class, lr=cfg.gen_lr, flip=False, generator=g)
+            student = student_accuracy(r.x, r.teacher_logits, real, y_real, run_format, seed=0)
+            rows.append(dict(teacher=t.index, size=size, channels=channels, teacher_acc=r.teacher_acc,
+                             student_acc=student, seconds=r.seconds))
+            print(f"teacher {t.index} run {size}x{size}x{channels}: teacher acc {r.teacher_acc:.3f}, student on real "
+                  f"{student:.3f}, {r.seconds:.1f}s", flush=True)
+    records.store_section(args, "resize", {"rows": rows, "steps": RESIZE_STEPS, "student_steps": STUDENT_STEPS,
+                                           "teacher_size": ds.image_size, "teacher_channels": ds.channels})

@@ -284,7 +284,8 @@ def provenance(results):
                              else sorted(names))
             lines.append(f"- {title}, code {code}{': ' + codes[code] if code in codes else ''}: {what}.")
     for section, title in (("recovery", "Recovery speed"), ("teachers", "Teachers"), ("bank", "Memory bank"),
-                           ("kd", "KD alone"), ("adapt", "Adapting to other N"), ("gpu", "GPU")):
+                           ("kd", "KD alone"), ("adapt", "Adapting to other N"),
+                           ("resize", "Teachers of another input format"), ("gpu", "GPU")):
         p = prov.get(section)
         if p and section in results:
             lines.append(f"- {title}: " + (f"`{p['command']}` at commit {p['commit']}, {p['machine']}, torch "
@@ -397,6 +398,8 @@ def document(results, sweep, doc_dir, results_dir):
         found += section("What KD alone does to θ", f"`{cmd}kd`", tables.kd_md(results["kd"]))
     if results.get("adapt"):
         found += section("Adapting to other numbers of classes", f"`{cmd}adapt`", tables.adapt_md(results["adapt"]))
+    if results.get("resize"):
+        found += section("Teachers of another input format", f"`{cmd}resize`", tables.resize_md(results["resize"]))
     found += section("How the quick counts were chosen", None, quick_counts(results, sweep))
     found += section("What the preset costs", None, cost(results, sweep) or [f"No time table yet: `{cmd}time`."])
     found += section("Time", f"`{cmd}time`", tables.time_md(results["time"]) if results.get("time") else "Not run yet.")

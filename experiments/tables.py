@@ -578,3 +578,22 @@ def adapt_md(a):
             cells.append(f"{statistics.mean(accs):.1f} [{min(accs):.1f}, {max(accs):.1f}]" if accs else "–")
         lines.append(f"| {way} | {shots} | {100 / way:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def resize_md(r):
+    """Recovery through external.fit_input, by the run's image format: medians over the teachers."""
+    rows = r["rows"]
+    formats = sorted({(x["size"], x["channels"]) for x in rows}, key=lambda f: (f[1], f[0]))
+    lines = [f"Teachers of the Omniglot quick zoo ({r['teacher_size']}x{r['teacher_size']}, {r['teacher_channels']} "
+             f"channel), exported as `--zoo` programs, serving runs of other image formats: each sees the run's images "
+             f"through `external.fit_input` (bilinear resize; colour averaged to grey). Recovery from a fresh "
+             f"generator, {r['steps']} evaluations of Eq. (1) at the run's format; the student (a fresh Conv4 at the "
+             f"run's format, {r['student_steps']} KD steps on the recovered images alone) is measured on the teacher's "
+             f"real images brought to the run's format. Medians over {len({x['teacher'] for x in rows})} teachers.", "",
+             "| run's images | teacher acc on recovered | student acc on real images | recovery s |", "|---|---|---|---|"]
+    for size, channels in formats:
+        mine = [x for x in rows if (x["size"], x["channels"]) == (size, channels)]
+        native = " (the teachers' own)" if (size, channels) == (r["teacher_size"], r["teacher_channels"]) else ""
+        lines.append(f"| {size}x{size}x{channels}{native} | {median([x['teacher_acc'] for x in mine]) * 100:.1f}% | "
+                     f"{median([x['student_acc'] for x in mine]) * 100:.1f}% | {median([x['seconds'] for x in mine]):.1f} |")
+    return "\n".join(lines) + "\n"

@@ -526,3 +526,13 @@ def test_adapt_table_is_the_mean_over_seeds_with_their_range_and_no_learned_head
     assert "| 5 | 1 | 20 | 72.0 [70.0, 74.0] | 61.0 [60.0, 62.0] | 42.0 [40.0, 44.0] |" in md
     assert "| 10 | 1 | 10 | – | 51.5 [50.0, 53.0] | 21.0 [20.0, 22.0] |" in md
     assert "seeds 0, 1" in md and "200 tasks" in md and "10 SGD steps" in md
+
+
+def test_resize_table_is_the_median_over_teachers_by_run_format_native_first():
+    rows = [dict(teacher=t, size=s, channels=c, teacher_acc=ta, student_acc=sa, seconds=sec)
+            for t, s, c, ta, sa, sec in [(0, 28, 1, 1.0, 0.5, 2.0), (1, 28, 1, 0.9, 0.7, 4.0), (2, 28, 1, 0.8, 0.6, 3.0),
+                                         (0, 32, 3, 0.6, 0.2, 5.0), (1, 32, 3, 0.7, 0.4, 7.0), (2, 32, 3, 0.5, 0.3, 6.0)]]
+    md = tables.resize_md({"rows": rows, "steps": 40, "student_steps": 100, "teacher_size": 28, "teacher_channels": 1})
+    lines = [line for line in md.splitlines() if line.startswith("| 28x28x1") or line.startswith("| 32x32x3")]
+    assert lines == ["| 28x28x1 (the teachers' own) | 90.0% | 60.0% | 3.0 |", "| 32x32x3 | 60.0% | 30.0% | 6.0 |"]
+    assert "Medians over 3 teachers" in md
