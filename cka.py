@@ -60,7 +60,7 @@ from PIL import Image, ImageDraw
 
 import data
 from data import UserError
-from external import fit_input
+from external import ZOO_JSON, fit_input, load_zoo_dir
 from settings import pick_device, set_seed
 from zoo import ZooSettings, build_zoo
 
@@ -122,11 +122,13 @@ def fit_to_model(x, model):
 @torch.no_grad()
 def model_features(model, probe, batch_size=FEATURE_BATCH, device="cpu"):
     """Penultimate features `model.features(x)` of probe [n, C, H, W] in [0, 1], in eval mode,
-    batched; returns float64 [n, d] on the CPU. The model's train/eval mode is restored."""
+    batched; returns float64 [n, d] on the CPU. The model's train/eval mode is restored. A teacher of
+    another source (--zoo: external.ExternalTeacher) shows no penultimate layer: its logits stand in."""
     was_training = model.training
+    features = getattr(model, "features", model)
     model.eval()
     try:
-        feats = [model.features(fit_to_model(xb.to(device), model)).flatten(1).double().cpu()
+        feats = [features(fit_to_model(xb.to(device), model)).flatten(1).double().cpu()
                  for xb in torch.as_tensor(probe).split(batch_size)]
     finally:
         model.train(was_training)
@@ -247,6 +249,9 @@ def make_parser():
                    help="auto: cuda if available, else cpu (default: auto)")
     p.add_argument("--cache", default="cache",
                    help="zoo cache root; zoo.py adds zoo/<name>/ (default: cache)")
+    p.add_argument("--zoo", metavar="DIR", help="your own teachers (zoo.json and programs, as free.py --zoo): "
+                   "one heatmap cka_zoo.png/.csv of them on --dataset's probe (their logits where no penultimate "
+                   "layer shows) instead of panels (a)-(c)")
     return p
 
 
@@ -266,6 +271,9 @@ def check_args(args):
     data.check_writable("--data-root", args.data_root, write=False)  # read-only data is fine when present
     data.check_writable("--out", args.out, write=True)
     data.check_writable("--cache", args.cache, write=True)
+    if args.zoo is not None and not Path(args.zoo, ZOO_JSON).is_file():
+        raise UserError(f"--zoo {args.zoo}: expected a folder holding {ZOO_JSON} and the teachers' programs (README "
+                        f"'Your own models and data'); found no {ZOO_JSON} there")
 
 
 def make_probe(dataset, n, seed):
@@ -365,11 +373,15 @@ def main(argv=None):
     print(f"device {device}\nconfig {json.dumps(config)}")
     set_seed(args.seed)
     ds = data.load_dataset(args.dataset, args.data_root, seed=args.seed)  # before any file is written
+    own = load_zoo_dir(args.zoo, ds, WAY, device) if args.zoo else None  # every teacher checked first
     os.makedirs(args.out, exist_ok=True)
     data.atomic_write(Path(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=1).encode()))
     probe = make_probe(ds, preset["probe"], args.seed)  # [n_probe, C, H, W]
     print(f"probe: {len(probe)} meta-train images of {ds.name} ({ds.channels}x{ds.image_size}"
           f"x{ds.image_size}), drawn with seed {args.seed}")
+    if own is not None:
+        draw_panel("zoo", own, [t.file for t in own], f"teachers of {args.zoo}", probe, args, device)
+        return
     for key, panel in (("a", panel_a), ("b", panel_b), ("c", panel_c)):
         zoo, labels, title = panel(ds, n, args, settings, device)
         draw_panel(key, zoo, labels, title, probe, args, device)

@@ -254,6 +254,7 @@ BAD_VALUES = {
     "--seed": ("-1", "from 0 to"),
     "--device": ("nosuch", "cpu"),
     "--cache": (f"{A_FILE}/cache", "found a file"),
+    "--zoo": ("nosuch", "found no zoo.json"),
 }
 WORKERS = 2  # cka.py processes at a time in the walk (each spends ~1.3 s importing torch)
 TIMEOUT_S = 60  # a run that should stop at once but works on (a smoke run) is killed after this
@@ -390,3 +391,23 @@ def test_ctrl_c_during_the_zoo_prints_one_line_and_exits_130(tmp_path):
     returncode, _, err = finish(proc)
     assert returncode == 130 and err.splitlines() == [cka.INTERRUPTED], err
     assert not list(tmp_path.rglob("*.part"))
+
+
+def test_zoo_flag_draws_one_heatmap_of_your_own_teachers_logits(tmp_path, monkeypatch):
+    """cka.py --zoo DIR: the teachers of DIR (TorchScript, their own input format) on the probe, their logits
+    standing in for the penultimate features they do not show: CKA 1 on the diagonal, one CSV and PNG."""
+    import json
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zoo").mkdir()
+    entries = []
+    for i in range(2):
+        torch.manual_seed(i)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 6))
+        torch.jit.save(torch.jit.script(net), str(tmp_path / "zoo" / f"t{i}.pt"))
+        entries.append({"file": f"t{i}.pt", "classes": [f"mine{i}_{c}" for c in range(6)],
+                        "input": {"size": 16, "channels": 3, "mean": [0.5] * 3, "std": [0.2] * 3}})
+    (tmp_path / "zoo" / "zoo.json").write_text(json.dumps({"teachers": entries}))
+    cka.main(GOOD + ["--zoo", "zoo", "--out", "o"])
+    rows = (tmp_path / "o" / "cka_zoo.csv").read_text().splitlines()
+    assert rows[0] == ",t0.pt,t1.pt" and rows[1].startswith("t0.pt,1.0000,") and rows[2].endswith(",1.0000")
+    assert (tmp_path / "o" / "cka_zoo.png").is_file() and not (tmp_path / "o" / "cka_a.csv").exists()
