@@ -266,6 +266,11 @@ USER_ERRORS = {  # case: (extra free.py arguments, setup of the folder, what the
                                                               "std": [1] * 3}}]), "teacher 0 (t.pt): file:"),
     "folder without val/": (["--dataset", "folder", "--data-root", "f"], lambda p: image_folders(p / "f", ["train"]),
                             "val"),
+    "folder unreadable image": (["--dataset", "folder", "--data-root", "f"], lambda p: image_folders(
+        p / "f", ["train", "val", "test"]) or (p / "f" / "val" / "val-c1" / "3.png").write_bytes(b"no png"),
+        "cannot read image f/val/val-c1/3.png"),
+    "folder too few classes": (["--dataset", "folder", "--data-root", "f"], lambda p: image_folders(
+        p / "f", ["train", "val", "test"], classes=4), "--way 5: the val split of folder-"),
     "folder class too small": (["--dataset", "folder", "--data-root", "f", "--query", "20"],
                                lambda p: image_folders(p / "f", ["train", "val", "test"]), "class 'val-c0' of the val split"),
 }
@@ -548,3 +553,42 @@ def test_foreign_ten_class_teachers_serve_five_way_tasks_the_same_on_one_and_two
         "replay_acc": 1 / (smoke["meta_batch"] * cfg.way * cfg.query) + 1e-6, "rec_acc": 1 / cfg.n_per_class / cfg.way})
     assert metrics(tmp_path / "two")[-1]["event"] == "test"
     assert one["rounds"] == two["rounds"] == 3
+
+
+def test_a_run_on_your_own_images_then_adapt_labels_new_images_as_the_meta_test_would(tmp_path, cache, capsys):
+    """--dataset folder end to end, then `free.py adapt` of its best.pt on the test classes laid out as folders:
+    N = way gives maml.meta_test's accuracy on the same task; N = 3 runs from a prototype head."""
+    import adapt
+    from data import read_image
+    image_folders(tmp_path / "f", ["train", "val", "test"], per_class=6, size=16)
+    free_run(tmp_path / "run", cache, "--dataset", "folder", "--data-root", str(tmp_path / "f"), "--query", "3")
+    support, query = tmp_path / "support", tmp_path / "query"
+    for c in range(5):
+        for j in range(6):
+            where = (support if j == 0 else query) / f"test-c{c}"
+            where.mkdir(parents=True, exist_ok=True)
+            (where / f"{j}.png").write_bytes((tmp_path / "f" / "test" / f"test-c{c}" / f"{j}.png").read_bytes())
+    best = str(tmp_path / "run" / "best.pt")
+    assert free.cli(["adapt", "--checkpoint", best, "--support", str(support), "--query", str(query), "--out",
+                     str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("adapt: 5 classes, 5 support images, 25 query images, 2 steps, learned head")
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "file,predicted,probability," + ",".join(f"test-c{c}" for c in range(5)) and len(rows) == 26
+    ckpt = torch.load(best, weights_only=True)
+    model = free.Conv4(**ckpt["arch"])
+    model.load_state_dict(ckpt["model"])
+    x = lambda files: torch.stack([read_image(p, 16, 1) for p in files]).float()[None] / 255  # [1, n, 1, 16, 16]
+    x_s = x([support / f"test-c{c}" / "0.png" for c in range(5)])
+    x_q = x([query / f"test-c{c}" / f"{j}.png" for c in range(5) for j in range(1, 6)])
+    y_s, y_q = torch.arange(5)[None], torch.arange(5).repeat_interleave(5)[None]
+    want = maml.meta_test(model, maml.detached_params(model), x_s, y_s, x_q, y_q, steps=2).item()
+    assert f"accuracy {100 * want:.2f}%" in line
+    for c in (3, 4):
+        for split in (support, query):
+            for f in (split / f"test-c{c}").iterdir():
+                f.unlink()
+            (split / f"test-c{c}").rmdir()
+    result = adapt.adapt(best, support, query)
+    assert result.head == "prototype" and result.classes == ["test-c0", "test-c1", "test-c2"]
+    assert result.probabilities.shape == (15, 3) and 0 <= result.accuracy <= 1
