@@ -317,6 +317,22 @@ def test_free_py_exits_with_status_1_and_one_line_on_a_user_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_ctrl_c_while_torch_is_imported_is_one_line_and_status_130(tmp_path):
+    """Ctrl-C during `import torch` (seen from outside: libtorch mapped into the process, the import still running)
+    ends free.py with one line and the status of every other phase, not a traceback."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "free.py"), "--dataset",
+           "synthetic", "--preset", "smoke", "--out", "run"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    maps, t0 = f"/proc/{p.pid}/maps", time.perf_counter()
+    while "libtorch" not in open(maps).read():
+        assert time.perf_counter() - t0 < 60 and p.poll() is None, "free.py never loaded torch"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err.strip().splitlines() == ["interrupted while starting: nothing was written"], err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_same_command_runs_after_a_failed_start(tmp_path, cache):
     with pytest.raises(free.UserError, match="--way 50"):
         free_run(tmp_path / "r", cache, "--way", "50")
