@@ -509,6 +509,9 @@ def test_a_run_from_the_exported_zoo_computes_what_the_built_in_run_computes(tmp
     assert exported["test_acc"] == pytest.approx(built_in["test_acc"], abs=1e-6)
     zoo_record = [r for r in metrics(tmp_path / "exported") if r["event"] == "zoo"][0]
     assert (zoo_record["trained"], zoo_record["cached"], zoo_record["held_out_acc"]) == (0, 3, None)
+    averaged = [free_run(tmp_path / f"average-{name}", cache, "--method", "average", *extra)
+                for name, extra in (("built-in", ()), ("exported", ("--zoo", str(tmp_path / "zoo"))))]
+    assert averaged[1]["test_acc"] == pytest.approx(averaged[0]["test_acc"], abs=1e-6)  # the same weights averaged
 
 
 class TenClassNet(torch.nn.Module):
