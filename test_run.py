@@ -512,6 +512,10 @@ def test_a_run_from_the_exported_zoo_computes_what_the_built_in_run_computes(tmp
     averaged = [free_run(tmp_path / f"average-{name}", cache, "--method", "average", *extra)
                 for name, extra in (("built-in", ()), ("exported", ("--zoo", str(tmp_path / "zoo"))))]
     assert averaged[1]["test_acc"] == pytest.approx(averaged[0]["test_acc"], abs=1e-6)  # the same weights averaged
+    with open(tmp_path / "zoo" / "zoo.json", "a") as f:
+        f.write("\n")  # the zoo's files are part of the run's identity: even this is another zoo
+    with pytest.raises(free.UserError, match="teachers in --zoo .* changed since the run started"):
+        free_run(tmp_path / "exported", cache, "--zoo", str(tmp_path / "zoo"), "--rounds", "4", "--resume")
 
 
 class TenClassNet(torch.nn.Module):
