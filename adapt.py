@@ -17,7 +17,6 @@ BatchNorm uses batch statistics, as in MAML's meta-test: each query image's pred
 query images of the run (the whole query folder is one batch), and a query of one or two images at a small
 image size gives little to normalise with.
 """
-import argparse
 import csv
 import inspect
 import io
@@ -34,6 +33,7 @@ import data
 import maml
 from data import UserError
 from models import Conv4
+from settings import OneLineErrorParser, pick_device
 from zoo import load_checkpoint
 
 HEADS = ("auto", "learned", "prototype")  # --head choices
@@ -255,26 +255,10 @@ def check_out(path):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; expected a file name such as {path / DEFAULT_OUT}")
-    folder = path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UserError(f"--out {path}: {folder} is not a writable folder; pick another --out")
+    if not path.parent.is_dir():
+        raise UserError(f"--out {path}: {path.parent} is not a folder; pick another --out")
+    data.check_writable("--out", path.parent)
     return path
-
-
-def pick_device(name):
-    """auto: CUDA when present, else the CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose errors are one `error: ...` line naming the fix (--help), as free.py's."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (python free.py adapt --help lists its flags)\n")
 
 
 def parse_args(argv):
@@ -304,7 +288,7 @@ def cli(argv=None):
         return e.code
     try:
         out = check_out(args.out)
-        device = pick_device(args.device)
+        device = pick_device(args.device, probe=True)
         result = adapt(args.checkpoint, args.support, args.query, args.steps, args.head, device)
         text = predictions_csv(result)
         data.atomic_write(out, lambda f: f.write(text.encode()))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import UserError, atomic_write
+from data import DataError, UserError, atomic_write
 from models import ARCHS, build_model
 from recover import AUG_PAD, augment
 
@@ -214,16 +214,12 @@ def teacher_path(folder, index):
     return folder / f"teacher_{index:03d}.pt"
 
 
-# what torch.load raises for a damaged file
-CHECKPOINT_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
-
-
 def load_checkpoint(path, error, what, advice):
     """A torch checkpoint, on the CPU (callers move it to their device); a damaged file raises `error`, naming
     `what` the file is and what to do (`advice`)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except CHECKPOINT_ERRORS as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise error(f"{what} {path} is unreadable ({type(e).__name__}); {advice}") from e
 
 
@@ -262,9 +258,9 @@ def read_cached_teacher(path, log):
     """The checkpoint cached at `path`, or None when the file cannot be read: the cache is ours, so a
     damaged file is trained again (one log line says so) instead of ending the run."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except CHECKPOINT_ERRORS as e:
-        log(f"teacher file {path} is unreadable ({type(e).__name__}); retraining it")
+        return load_checkpoint(path, DataError, "teacher file", "retraining it")
+    except DataError as e:
+        log(str(e))
         return None
 
 

@@ -10,10 +10,13 @@ recovered images alone (STUDENT_STEPS Adam steps).
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
 import records  # first: puts the repository root on sys.path
+import adapt
+import external
 import free
 import maml
 import recover
@@ -236,7 +239,6 @@ def bench_adapt(args):
     meta-test scores) adapted to N-way K-shot tasks of the Omniglot meta-test split by adapt.adapt_task, from
     the meta-learned head (N = the run's way only), a prototype head and a zero head; mean accuracy and 95% CI
     over ADAPT_TASKS tasks, the same tasks for every head."""
-    import adapt
     ds, rows = load_dataset("omniglot", args.data_root), []
     test = ds.splits["test"]
     for seed in args.seeds:
@@ -278,8 +280,6 @@ def bench_resize(args):
     at the run's format, the teacher seeing its images through fit_input; the yardsticks: the teacher's
     accuracy on them, and a fresh Conv4 at the run's format distilled from them alone (student_accuracy),
     measured on the teacher's real images brought to the run's format (bilinear resize, grey repeated)."""
-    import external
-    from types import SimpleNamespace
     cfg = free.parse_args(["--dataset", "omniglot", "--preset", "quick", "--data-root", args.data_root])
     ds = load_dataset("omniglot", args.data_root)
     teachers, _ = run.load_teachers(cfg, ds, torch.device("cpu"), print)
